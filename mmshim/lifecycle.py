@@ -7,19 +7,18 @@ cleans up. Everything that is not a protected Batch job ends in an exec of runc.
 
 import json
 import os
-from dataclasses import dataclass
 
 from mmshim.runtime import Invocation, exec_runc
 
 STATE_FILE = "mmshim.json"  # kept in runc's own state dir <root>/<id>/, so `runc delete` removes it
 
 
-@dataclass(frozen=True)
 class Bundle:
-    """What mmshim needs from an OCI bundle, read once at `create`."""
+    """What mmshim needs from an OCI bundle, read once at `create` (no dataclass: hot path)."""
 
-    path: str
-    spec: dict
+    def __init__(self, path: str, spec: dict) -> None:
+        self.path = path
+        self.spec = spec
 
     @classmethod
     def load(cls, path: str) -> "Bundle":

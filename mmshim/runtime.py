@@ -8,7 +8,6 @@ Modelled on nvidia-container-runtime: tiny, exec as early as possible.
 
 import os
 import sys
-from dataclasses import dataclass, field
 
 INTERCEPTED = frozenset({"create", "start", "delete"})
 CONFIG_FILE = "/etc/mmshim/config.toml"
@@ -34,16 +33,19 @@ class UsageError(Exception):
     """argv that mmshim cannot interpret; runc is left to report it."""
 
 
-@dataclass
 class Invocation:
-    """One runc command line, split into the parts mmshim acts on."""
+    """One runc command line, split into the parts mmshim acts on.
 
-    argv: list[str]  # everything after the program name, untouched
-    global_flags: dict[str, str | bool] = field(default_factory=dict)
-    command: str | None = None
-    command_args: list[str] = field(default_factory=list)  # argv after the subcommand
-    flags: dict[str, str | bool] = field(default_factory=dict)  # the subcommand's own flags
-    container_id: str | None = None
+    A plain class: importing dataclasses costs more than the rest of the hot path together.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv  # everything after the program name, untouched
+        self.global_flags: dict[str, str | bool] = {}
+        self.command: str | None = None
+        self.command_args: list[str] = []  # argv after the subcommand
+        self.flags: dict[str, str | bool] = {}  # the subcommand's own flags
+        self.container_id: str | None = None
 
     @property
     def global_argv(self) -> list[str]:
@@ -114,7 +116,7 @@ def _parse_flags(
 
 def parse(argv: list[str]) -> Invocation:
     """Split runc's command line. Raises UsageError for what only runc should judge."""
-    inv = Invocation(argv=list(argv))
+    inv = Invocation(list(argv))
     try:
         inv.global_flags, pos, _ = _parse_flags(argv, GLOBAL_VALUE_FLAGS, GLOBAL_BOOL_FLAGS, True)
     except UsageError:
@@ -165,9 +167,9 @@ def find_runc() -> str:
                 raise RuncNotFound(f"configured runc {explicit} is mmshim itself")
             return explicit
         raise RuncNotFound(f"configured runc {explicit} is not an executable file")
-    for directory in os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(
-        os.pathsep
-    ):
+    for directory in os.environ.get(
+        "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    ).split(os.pathsep):
         candidate = os.path.join(directory or ".", "runc")
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate) and not _is_self(candidate):
             return candidate
@@ -216,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             exec_runc(find_runc(), argv)
         except (RuncNotFound, OSError) as exc:
-            report_error(inv or Invocation(argv=argv), str(exc))
+            report_error(inv or Invocation(argv), str(exc))
             sys.exit(1)
+        return
     try:
         runc = find_runc()
         from mmshim import lifecycle

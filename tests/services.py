@@ -54,7 +54,7 @@ def start_dockerd(state: Path) -> str:
     }
     # A runtime whose runc is missing, to see how that failure reaches `docker run`.
     norunc = state / "mmshim-norunc"
-    norunc.write_text(f"#!/bin/sh\nMMSHIM_RUNC=/nonexistent/runc exec {MMSHIM} \"$@\"\n")
+    norunc.write_text(f'#!/bin/sh\nMMSHIM_RUNC=/nonexistent/runc exec {MMSHIM} "$@"\n')
     norunc.chmod(0o755)
     (state / "daemon.json").write_text(json.dumps(config, indent=2))
     log = open(state / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon

@@ -30,7 +30,9 @@ class Docker:
             [services.DOCKER, "-H", self.host, *args], capture_output=True, text=True, timeout=timeout, **kw
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"docker {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def out(self, *args: str) -> str:
@@ -55,7 +57,7 @@ def build_image(docker: Docker, tmp: Path) -> None:
     (rootfs / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (rootfs / "etc/image-file").write_text("from the image\n")
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    docker.run("import", "--change", "CMD [\"/bin/sh\"]", "-", IMAGE, stdin=tar.stdout)
+    docker.run("import", "--change", 'CMD ["/bin/sh"]', "-", IMAGE, stdin=tar.stdout)
     tar.wait()
 
 

@@ -27,7 +27,9 @@ def test_output_identical(docker: Docker) -> None:
     assert res["mmshim"][2] == "err\n"
 
 
-@pytest.mark.parametrize(("script", "status"), [("exit 0", 0), ("exit 3", 3), ('sh -c "kill -9 \\$\\$"; exit $?', 137)])
+@pytest.mark.parametrize(
+    ("script", "status"), [("exit 0", 0), ("exit 3", 3), ('sh -c "kill -9 \\$\\$"; exit $?', 137)]
+)
 def test_exit_status_propagates(docker: Docker, script: str, status: int) -> None:
     res = run_both(docker, IMAGE, "sh", "-c", script)
     assert res["runc"][0] == status
@@ -36,14 +38,18 @@ def test_exit_status_propagates(docker: Docker, script: str, status: int) -> Non
 
 def test_stdin_passes(docker: Docker) -> None:
     for rt in RUNTIMES:
-        proc = docker.run("run", "--rm", "-i", "--network", "none", f"--runtime={rt}", IMAGE, "wc", "-c", input="hello")
+        proc = docker.run(
+            "run", "--rm", "-i", "--network", "none", f"--runtime={rt}", IMAGE, "wc", "-c", input="hello"
+        )
         assert proc.stdout.strip() == "5"
 
 
 def test_tty(docker: Docker) -> None:
     outs = {}
     for rt in RUNTIMES:
-        proc = docker.run("run", "--rm", "-t", "--network", "none", f"--runtime={rt}", IMAGE, "sh", "-c", "tty; echo ok")
+        proc = docker.run(
+            "run", "--rm", "-t", "--network", "none", f"--runtime={rt}", IMAGE, "sh", "-c", "tty; echo ok"
+        )
         outs[rt] = proc.stdout
     assert outs["mmshim"] == outs["runc"]
     assert "/dev/pts/0" in outs["mmshim"] and "ok" in outs["mmshim"]
@@ -52,7 +58,9 @@ def test_tty(docker: Docker) -> None:
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_detached_lifecycle(docker: Docker, runtime: str) -> None:
     script = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
-    cid = docker.out("run", "-d", "--network", "none", f"--runtime={runtime}", IMAGE, "sh", "-c", script).strip()
+    cid = docker.out(
+        "run", "-d", "--network", "none", f"--runtime={runtime}", IMAGE, "sh", "-c", script
+    ).strip()
     try:
         inspect = json.loads(docker.out("inspect", cid))[0]
         assert inspect["HostConfig"]["Runtime"] == runtime
@@ -104,6 +112,8 @@ def test_docker_checkpoint_passes_through(docker: Docker) -> None:
 
 
 def test_runc_missing_names_the_cause(docker: Docker) -> None:
-    proc = docker.run("run", "--rm", "--network", "none", "--runtime=mmshim-norunc", IMAGE, "true", check=False)
+    proc = docker.run(
+        "run", "--rm", "--network", "none", "--runtime=mmshim-norunc", IMAGE, "true", check=False
+    )
     assert proc.returncode != 0
     assert "mmshim: configured runc /nonexistent/runc is not an executable file" in proc.stderr

@@ -1,0 +1,212 @@
+"""The runtime's argv parsing, runc discovery and error reporting, without dockerd."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmshim import runtime
+from mmshim.runtime import UsageError, parse
+
+MMSHIM = os.environ.get("MMSHIM_BIN", "/usr/local/bin/mmshim")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--root", "/r", "--log", "/l", "--log-format", "json", "--systemd-cgroup", "create", "c1"],
+        ["--root=/r", "--log=/l", "--log-format=json", "--systemd-cgroup", "create", "c1"],
+        ["-root", "/r", "-log=/l", "-log-format", "json", "--systemd-cgroup=true", "create", "c1"],
+    ],
+)
+def test_global_flag_forms(argv: list[str]) -> None:
+    inv = parse(argv)
+    assert inv.global_flags == {"root": "/r", "log": "/l", "log-format": "json", "systemd-cgroup": True}
+    assert inv.command == "create" and inv.container_id == "c1"
+    assert inv.global_argv == argv[:-2]
+
+
+def test_every_global_flag() -> None:
+    inv = parse(["--debug", "--criu", "/c", "--rootless", "auto", "--root", "/r", "state", "x"])
+    assert inv.global_flags == {"debug": True, "criu": "/c", "rootless": "auto", "root": "/r"}
+    assert inv.command == "state" and inv.command_args == ["x"]
+    assert inv.root == "/r"
+
+
+@pytest.mark.parametrize(
+    ("args", "bundle"),
+    [
+        (["--bundle", "/b"], "/b"),
+        (["-b", "/b"], "/b"),
+        (["--bundle=/b"], "/b"),
+        (["-b=/b"], "/b"),
+        ([], None),
+    ],
+)
+def test_bundle_forms(args: list[str], bundle: str | None, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    inv = parse(["create", *args, "--pid-file", "p.pid", "--console-socket=/s.sock", "c1"])
+    assert inv.bundle == (bundle or str(tmp_path))  # no bundle flag: the current directory
+    assert inv.pid_file == str(tmp_path / "p.pid")
+    assert inv.console_socket == "/s.sock"
+    assert inv.container_id == "c1"
+
+
+def test_create_flags_and_id_anywhere() -> None:
+    inv = parse(["create", "c1", "--no-pivot", "--no-new-keyring", "--preserve-fds", "2", "-b", "/b"])
+    assert inv.container_id == "c1"
+    assert inv.flags == {"no-pivot": True, "no-new-keyring": True, "preserve-fds": "2", "bundle": "/b"}
+
+
+def test_delete_force_forms() -> None:
+    assert parse(["delete", "-f", "c1"]).flags == {"force": True}
+    assert parse(["delete", "--force", "c1"]).flags == {"force": True}
+    assert parse(["delete", "c1"]).flags == {}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["create", "--bogus", "c1"], ["create"], ["create", "a", "b"], ["create", "--bundle"], ["start"]],
+)
+def test_unusual_intercepted_argv_is_refused(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        parse(argv)
+
+
+def test_unknown_global_flag_is_left_to_runc() -> None:
+    inv = parse(["--future-flag", "create", "c1"])
+    assert inv.command is None  # never intercepted: runc judges it
+
+
+def test_find_runc_order(tmp_path: Path, monkeypatch) -> None:
+    fake = tmp_path / "bin" / "runc"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    other = tmp_path / "other-runc"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    config = tmp_path / "config.toml"
+    monkeypatch.setattr(runtime, "CONFIG_FILE", str(config))
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.delenv("MMSHIM_RUNC", raising=False)
+    assert runtime.find_runc() == str(fake)
+    config.write_text(f'runc = "{other}"\n')
+    assert runtime.find_runc() == str(other)
+    monkeypatch.setenv("MMSHIM_RUNC", str(fake))
+    assert runtime.find_runc() == str(fake)
+    monkeypatch.setenv("MMSHIM_RUNC", str(tmp_path / "missing"))
+    with pytest.raises(runtime.RuncNotFound, match="not an executable file"):
+        runtime.find_runc()
+
+
+def test_find_runc_skips_itself(tmp_path: Path, monkeypatch) -> None:
+    """mmshim installed under the name runc must not exec itself forever."""
+    self_dir, real_dir = tmp_path / "a", tmp_path / "b"
+    self_dir.mkdir()
+    real_dir.mkdir()
+    (self_dir / "runc").symlink_to(MMSHIM)
+    (real_dir / "runc").symlink_to("/usr/sbin/runc")
+    monkeypatch.setattr(runtime, "CONFIG_FILE", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("MMSHIM_RUNC", raising=False)
+    monkeypatch.setenv("PATH", f"{self_dir}:{real_dir}")
+    monkeypatch.setattr(sys, "argv", [str(self_dir / "runc")])
+    assert runtime.find_runc() == str(real_dir / "runc")
+    monkeypatch.setenv("PATH", str(self_dir))
+    with pytest.raises(runtime.RuncNotFound, match="no runc found"):
+        runtime.find_runc()
+
+
+def run_mmshim(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MMSHIM, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, **kw
+    )
+
+
+def fake_runc(tmp_path: Path) -> Path:
+    script = tmp_path / "fake-runc"
+    script.write_text('#!/bin/sh\necho "pid=$$ args=$*"; cat; exit 42\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_passthrough_execs_runc(tmp_path: Path) -> None:
+    """Same pid, stdin, args and exit status: the runtime became runc."""
+    proc = subprocess.Popen(
+        [MMSHIM, "--root", "/r", "state", "c1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MMSHIM_RUNC": str(fake_runc(tmp_path))},
+    )
+    out, _ = proc.communicate("from stdin")
+    assert proc.returncode == 42
+    assert out == f"pid={proc.pid} args=--root /r state c1\nfrom stdin"
+
+
+def test_version_names_both() -> None:
+    out = run_mmshim("--version").stdout
+    assert out.startswith("mmshim version ")
+    assert "runc version" in out
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_missing_runc_is_logged_for_containerd(tmp_path: Path, fmt: str) -> None:
+    log = tmp_path / "log.json"
+    proc = run_mmshim(
+        "--log",
+        str(log),
+        "--log-format",
+        fmt,
+        "create",
+        "--bundle",
+        str(tmp_path),
+        "c1",
+        env={"MMSHIM_RUNC": "/nonexistent/runc"},
+    )
+    assert proc.returncode == 1
+    assert "/nonexistent/runc" in proc.stderr
+    line = log.read_text().strip()
+    if fmt == "json":
+        record = json.loads(line)
+        assert record["level"] == "error" and "/nonexistent/runc is not an executable file" in record["msg"]
+    else:
+        assert line.startswith("level=error") and "/nonexistent/runc" in line
+
+
+@pytest.mark.parametrize("content", [None, b"{not json", b"[1, 2]"])
+def test_unreadable_config_json(tmp_path: Path, content: bytes | None) -> None:
+    if content is not None:
+        (tmp_path / "config.json").write_bytes(content)
+    log = tmp_path / "log.json"
+    proc = run_mmshim(
+        "--log",
+        str(log),
+        "--log-format",
+        "json",
+        "create",
+        "--bundle",
+        str(tmp_path),
+        "c1",
+        env={"MMSHIM_RUNC": str(fake_runc(tmp_path))},
+    )
+    assert proc.returncode == 1
+    assert "config.json" in json.loads(log.read_text())["msg"]
+    assert "pid=" not in proc.stdout  # runc was never run
+
+
+def test_passthrough_imports_nothing_heavy() -> None:
+    """The hot path: only the standard library modules it needs (no click, boto3, logging)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r}); sys.argv=['mmshim','state','x'];"
+        "import mmshim.runtime as r; r.exec_runc=lambda *a: None; r.find_runc=lambda: '/bin/true';"
+        "r.main(); print(' '.join(sorted(sys.modules)))"
+    )
+    mods = subprocess.run(
+        [sys.executable, "-IS", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for heavy in ("click", "boto3", "botocore", "logging", "json", "pythonjsonlogger", "mmshim.lifecycle"):
+        assert heavy not in mods
