@@ -201,7 +201,8 @@ def test_unreadable_config_json(tmp_path: Path, content: bytes | None) -> None:
 def test_passthrough_imports_nothing_heavy() -> None:
     """The hot path: only the standard library modules it needs (no click, boto3, logging)."""
     code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r}); sys.argv=['mmshim','state','x'];"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r});"
+        "sys.argv=['mmshim','state','x'];"
         "import mmshim.runtime as r; r.exec_runc=lambda *a: None; r.find_runc=lambda: '/bin/true';"
         "r.main(); print(' '.join(sorted(sys.modules)))"
     )
