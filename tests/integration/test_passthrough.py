@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from tests.integration.conftest import IMAGE, Docker
+from mmshim.localdocker import IMAGE, Docker
 
+pytestmark = pytest.mark.integration
 RUNTIMES = ["runc", "mmshim"]
 
 

@@ -1,0 +1,137 @@
+"""A private dockerd with mmshim registered: for the demo, the tests and the benchmarks on one machine.
+
+It runs with its own data-root, exec-root and socket, `"bridge": "none"` and no iptables rules, so it
+never touches a host's real Docker set-up, and it registers mmshim beside runc.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
+MMSHIM = os.environ.get("MMSHIM_BIN", "/usr/local/bin/mmshim")
+IMAGE = "mmshim-test/busybox:1"
+BUSYBOX = "/bin/busybox"
+
+
+def wait_for(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+
+
+def start_dockerd(state: Path) -> str:
+    """A dockerd of our own (own data-root, exec-root, socket), bridge none, mmshim registered."""
+    state.mkdir(parents=True, exist_ok=True)
+    sock = state / "docker.sock"
+    config = {
+        "data-root": str(state / "data"),
+        "exec-root": str(state / "exec"),
+        "pidfile": str(state / "dockerd.pid"),
+        "hosts": [f"unix://{sock}"],
+        "bridge": "none",
+        "iptables": False,
+        "ip-forward": False,
+        "experimental": True,
+        "storage-driver": "overlay2",
+        "runtimes": {"mmshim": {"path": MMSHIM}, "mmshim-norunc": {"path": str(state / "mmshim-norunc")}},
+    }
+    # A runtime whose runc is missing, to see how that failure reaches `docker run`.
+    norunc = state / "mmshim-norunc"
+    norunc.write_text(f'#!/bin/sh\nMMSHIM_RUNC=/nonexistent/runc exec {MMSHIM} "$@"\n')
+    norunc.chmod(0o755)
+    (state / "daemon.json").write_text(json.dumps(config, indent=2))
+    log = open(state / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
+    subprocess.Popen(
+        ["dockerd", "--config-file", str(state / "daemon.json")],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    host = f"unix://{sock}"
+    wait_for(
+        lambda: subprocess.run([DOCKER, "-H", host, "version"], capture_output=True).returncode == 0,
+        f"dockerd (log: {state / 'dockerd.log'})",
+    )
+    return host
+
+
+def stop_pidfile(pidfile: Path, timeout: float = 30.0) -> None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+def stop_dockerd(state: Path) -> None:
+    host = f"unix://{state / 'docker.sock'}"
+    ids = subprocess.run([DOCKER, "-H", host, "ps", "-aq"], capture_output=True, text=True).stdout.split()
+    if ids:
+        subprocess.run([DOCKER, "-H", host, "rm", "-f", *ids], capture_output=True)
+    stop_pidfile(state / "dockerd.pid")
+    # dockerd leaves overlay and netns mounts when killed: unmount what lies under our state dir.
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(str(state))), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+@dataclass
+class Docker:
+    host: str
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [DOCKER, "-H", self.host, *args], capture_output=True, text=True, timeout=timeout, **kw
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"docker {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def out(self, *args: str) -> str:
+        return self.run(*args).stdout
+
+
+def build_image(docker: Docker, tmp: Path) -> None:
+    """A busybox rootfs made on the spot: no registry is reachable from here."""
+    if docker.run("image", "inspect", IMAGE, check=False).returncode == 0:
+        return
+    rootfs = tmp / "rootfs"
+    for d in ("bin", "tmp", "proc", "sys", "dev", "etc", "root", "var/tmp", "data"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    (rootfs / "tmp").chmod(0o1777)
+    shutil.copy2(BUSYBOX, rootfs / "bin/busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        link = rootfs / "bin" / applet
+        if not link.exists():
+            link.symlink_to("busybox")
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    (rootfs / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (rootfs / "etc/image-file").write_text("from the image\n")
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    docker.run("import", "--change", 'CMD ["/bin/sh"]', "-", IMAGE, stdin=tar.stdout)
+    tar.wait()
