@@ -89,8 +89,8 @@ venv_install() {
   want=$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-16)-$REPO
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing mmshim and its dependencies into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e "$REPO[test]" "protobuf>=3.20"
+    "$VENV/bin/pip" install -q -e "$REPO[test]" "protobuf>=3.20" >"$PREFIX/pip.log" 2>&1 ||
+      die "pip install failed: see $PREFIX/pip.log"
     echo "$want" >"$stamp"
   fi
   if ! "$VENV/bin/python3" -c 'import pycriu.images' 2>/dev/null; then

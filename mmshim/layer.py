@@ -1,0 +1,952 @@
+"""Carry a container's writable layer and chosen mount contents to a new host.
+
+CRIU's image holds neither the overlay upperdir nor the contents of bind mounts such as Docker's
+/dev/shm, and on restore CRIU checks that every open file still has the size it had. So the engine
+captures those trees as tar files while the container is frozen and lays them onto the new
+container's rootfs (or mount sources) before `runc restore`.
+
+Tar representation (GNU tar 1.34 and Python's tarfile read it back exactly, sparse files included):
+
+* POSIX pax (ustar + per-entry `x` headers). Numeric uid/gid only, no user names (the ids are the
+  container's). Nanosecond mtimes in pax `mtime`. Extended attributes in `SCHILY.xattr.<name>` (raw
+  bytes, GNU tar/star convention): user.*, security.* and the POSIX ACL xattrs; never the overlay's
+  own trusted.overlay.* / user.overlay.*.
+* Deletions in a diff use the OCI image-layer convention: an overlay whiteout (char device 0:0)
+  becomes an empty regular file `<dir>/.wh.<name>`; an opaque directory (overlay.opaque=y) is
+  followed by an empty `<dir>/.wh..wh..opq` marker, before the directory's children.
+* Sparse regular files use GNU's pax sparse format 1.0 (GNU.sparse.major=1, minor=0, name,
+  realsize, then a decimal map block and only the data extents); holes are found with
+  SEEK_DATA/SEEK_HOLE and re-created on apply by seeking and ftruncate(). A 1 GiB file with 4 KiB
+  of data costs about 6 KiB of tar. An entry storing 8 GiB or more gets a base-256 size field (GNU
+  extension) rather than a pax `size` record, which Python's tarfile mishandles for sparse entries.
+  (tarfile itself cannot write sparse entries at all, hence our own writer.)
+* Hard links: the first path seen is stored, later ones are `1` (link) entries naming it.
+* Sockets are skipped (counted in stats["skipped"]): they cannot be archived, CRIU re-binds them.
+* Mount points below the captured directory are recorded as directories, not descended into.
+* atime is not carried: apply sets it to the mtime.
+
+Capture writes headers ourselves and moves file data with sendfile(), so a big file never passes
+through Python; small files are batched into 1 MiB writes. Apply parses headers with tarfile and
+copies data from the raw tar with sendfile(). Every path is resolved from the destination root one
+component at a time with O_NOFOLLOW, so no symlink, whether from the image or from the archive, is
+ever followed while writing or deleting. Archives with absolute paths, `..` components or hard
+links to anything but an earlier entry are refused before anything is written; an entry whose
+parent turns out to be a symlink is refused when reached (LayerError, nothing written outside).
+"""
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+from dataclasses import dataclass
+
+BLOCK = 512
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+_ACL_XATTRS = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
+_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_FLUSH_AT = 1 << 20  # buffered header/small-file bytes before one write()
+_SMALL_FILE = 256 << 10  # files up to this size are read into the buffer, larger ones sendfile()d
+_COPY_CHUNK = 1 << 30
+_SPARSE_NAME = b"./GNUSparseFile.0/sparse"  # ustar name of sparse entries; the real one is in pax
+
+_REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
+_TYPE_KINDS = {
+    **dict.fromkeys(_REG_TYPES, "file"),
+    tarfile.LNKTYPE: "link",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.DIRTYPE: "dir",
+    tarfile.FIFOTYPE: "fifo",
+    tarfile.CHRTYPE: "chr",
+    tarfile.BLKTYPE: "blk",
+}
+
+
+class LayerError(Exception):
+    """A layer could not be captured or applied; the message is meant for the operator."""
+
+
+class TooLarge(LayerError):
+    """The captured content would exceed the caller's max_bytes; nothing was left at out_path."""
+
+
+# ---------------------------------------------------------------------------------------- mounts
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """Undo the kernel's octal escaping (\\040 for a space, \\054 for a comma, ...) in mountinfo."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def upperdir_of(rootfs: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The overlay upperdir behind the mount at `rootfs`, or None if rootfs is not a writable overlay.
+
+    None tells the caller that the bundle is a plain directory, to be captured whole with
+    capture_tree. The topmost mount at that path wins, as it is the one the container sees.
+    """
+    target = os.fsencode(os.path.realpath(rootfs))
+    top: tuple[bytes, bytes] | None = None
+    with open(mountinfo, "rb") as f:
+        for line in f:
+            fields = line.rstrip(b"\n").split(b" ")
+            try:
+                sep = fields.index(b"-", 6)
+            except ValueError:
+                continue
+            if len(fields) < sep + 2 or _unescape_mountinfo(fields[4]) != target:
+                continue
+            top = (fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else b"")
+    if top is None or top[0] != b"overlay":
+        return None
+    for option in top[1].split(b","):  # commas inside values are escaped as \054
+        key, eq, value = option.partition(b"=")
+        if key == b"upperdir" and eq:
+            return os.fsdecode(_unescape_mountinfo(value))
+    return None
+
+
+# --------------------------------------------------------------------------------------- capture
+
+
+def _keep_xattr(name: str) -> bool:
+    """Xattrs that belong to the file rather than to the overlay or the host's trust store."""
+    if name.startswith("user."):
+        return not name.startswith("user.overlay.")
+    return name.startswith("security.") or name in _ACL_XATTRS
+
+
+def _read_xattrs(target: int | str, follow: bool = True) -> dict[str, bytes]:
+    """All xattrs of an fd or (with follow=False) a path, overlay-private ones included."""
+    try:
+        names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    out: dict[str, bytes] = {}
+    for name in names:
+        try:
+            out[name] = (
+                os.getxattr(target, name) if follow else os.getxattr(target, name, follow_symlinks=False)
+            )
+        except OSError as e:
+            if e.errno != errno.ENODATA:  # removed meanwhile
+                raise
+    return out
+
+
+def _overlay_flag(xattrs: dict[str, bytes], flag: str) -> bytes | None:
+    return xattrs.get("trusted.overlay." + flag, xattrs.get("user.overlay." + flag))
+
+
+def _octal(value: int, width: int) -> bytes:
+    """A NUL-terminated octal ustar field, or GNU base-256 when it does not fit (sizes >= 8 GiB)."""
+    if 0 <= value < 8 ** (width - 1):
+        return b"%0*o\0" % (width - 1, value)
+    if value < 0 or value >= 256 ** (width - 1):
+        raise LayerError(f"value {value} does not fit a tar header field")
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    """One `<len> key=value\\n` record, whose length counts its own digits."""
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def _pax_time(ns: int) -> bytes:
+    sec, frac = divmod(abs(ns), 10**9)
+    return b"%s%d.%09d" % (b"-" if ns < 0 else b"", sec, frac)
+
+
+def _needs_pax_name(name: bytes) -> bool:
+    return len(name) > 100 or not name.isascii()
+
+
+def _header(
+    name: bytes,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime_ns: int,
+    linkname: bytes = b"",
+    rdev: int = 0,
+    xattrs: dict[str, bytes] | None = None,
+    pax_first: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """The pax extended header (if any is needed) plus the ustar header of one entry."""
+    records = list(pax_first or [])
+    if _needs_pax_name(name):
+        records.append((b"path", name))
+    if _needs_pax_name(linkname):
+        records.append((b"linkpath", linkname))
+    ids = []
+    for key, value in ((b"uid", uid), (b"gid", gid)):
+        if not 0 <= value < 8**7:
+            records.append((key, str(value).encode()))
+            value = 0
+        ids.append(value)
+    sec = mtime_ns // 10**9
+    if mtime_ns % 10**9 or not 0 <= sec < 8**11:
+        records.append((b"mtime", _pax_time(mtime_ns)))
+        sec = min(max(sec, 0), 8**11 - 1)
+    for key, value in sorted((xattrs or {}).items()):
+        records.append((os.fsencode(XATTR_PAX_PREFIX + key), value))
+
+    out = b""
+    if records:
+        binary = any(k in (b"path", b"linkpath") and not _is_utf8(v) for k, v in records)
+        data = (_pax_record(b"hdrcharset", b"BINARY") if binary else b"") + b"".join(
+            _pax_record(k, v) for k, v in records
+        )
+        out = _ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, len(data), 0, b"", 0) + _pad(data)
+    return out + _ustar(name[:100], typeflag, mode, ids[0], ids[1], size, sec, linkname[:100], rdev)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _pad(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % BLOCK)
+
+
+def _ustar(
+    name: bytes,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes,
+    rdev: int,
+) -> bytes:
+    """A 512-byte POSIX ustar header block with its checksum."""
+    major, minor = (os.major(rdev), os.minor(rdev)) if typeflag in (b"3", b"4") else (0, 0)
+    head = b"".join(
+        (
+            name.ljust(100, b"\0"),
+            _octal(mode & 0o7777, 8),
+            _octal(uid, 8),
+            _octal(gid, 8),
+            _octal(size, 12),
+            _octal(mtime, 12),
+            b" " * 8,  # checksum, computed over the header with this field as spaces
+            typeflag,
+            linkname.ljust(100, b"\0"),
+            b"ustar\x0000",
+            b"\0" * 64,  # uname, gname
+            _octal(major, 8),
+            _octal(minor, 8),
+            b"\0" * 167,  # prefix, padding
+        )
+    )
+    checksum = b"%06o\0 " % sum(head)
+    return head[:148] + checksum + head[156:]
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the data regions of a file, found with SEEK_DATA/SEEK_HOLE."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from here on
+                break
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole support: all data
+                return [(0, size)]
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end - start))
+        pos = end
+    return extents
+
+
+class _TarWriter:
+    """Streams a tar into a temporary file beside out_path, renamed into place only when complete."""
+
+    def __init__(self, out_path: str, max_bytes: int | None) -> None:
+        self.out_path = out_path
+        self.max_bytes = max_bytes
+        directory, base = os.path.split(os.path.abspath(out_path))
+        self.fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial", dir=directory)
+        self.buf = bytearray()
+        self.size = 0  # bytes written or buffered
+        self.stats = {"files": 0, "bytes": 0, "deletions": 0, "skipped": 0}
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Refuse, before writing it, an entry that would take the tar (and its trailer) past max."""
+        if self.max_bytes is not None and self.size + nbytes + 2 * BLOCK > self.max_bytes:
+            raise TooLarge(
+                f"capture to {self.out_path} exceeds the limit of {self.max_bytes} bytes "
+                f"(at {what!r}, {self.size} bytes so far)"
+            )
+
+    def put(self, data: bytes) -> None:
+        self.buf += data
+        self.size += len(data)
+        if len(self.buf) >= _FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        done = 0
+        while done < len(self.buf):  # a regular file takes it all at once; the loop is for form
+            done += os.write(self.fd, self.buf[done:] if done else self.buf)
+        self.buf.clear()
+
+    def send(self, src: int, offset: int, count: int, what: str) -> None:
+        """Copy count bytes of src from offset straight into the tar."""
+        if count <= _SMALL_FILE:
+            data = os.pread(src, count, offset)
+            if len(data) != count:
+                raise LayerError(f"{what!r} shrank while it was being captured (is the container frozen?)")
+            self.put(data)
+            return
+        self.flush()
+        done = 0
+        while done < count:
+            n = os.sendfile(self.fd, src, offset + done, min(count - done, _COPY_CHUNK))
+            if n == 0:
+                raise LayerError(f"{what!r} shrank while it was being captured (is the container frozen?)")
+            done += n
+        self.size += count
+
+    def finish(self) -> None:
+        self.put(b"\0" * (2 * BLOCK))
+        self.flush()
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.out_path)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+class _Capture:
+    """Walks a directory by fds (never following symlinks) and writes each entry to a _TarWriter."""
+
+    def __init__(self, writer: _TarWriter, diff: bool, dev: int) -> None:
+        self.w = writer
+        self.diff = diff  # interpret overlay whiteouts/opaque dirs
+        self.dev = dev
+        self.links: dict[tuple[int, int], bytes] = {}
+
+    def entry(
+        self,
+        name: bytes,
+        typeflag: bytes,
+        st: os.stat_result,
+        xattrs: dict[str, bytes],
+        linkname: bytes = b"",
+        size: int = 0,
+    ) -> None:
+        kept = {k: v for k, v in xattrs.items() if _keep_xattr(k)}
+        head = _header(
+            name, typeflag, st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, linkname, st.st_rdev, kept
+        )
+        self.w.reserve(len(head) + size + (-size % BLOCK), os.fsdecode(name))
+        self.w.put(head)
+        self.w.stats["files"] += 1
+
+    def deletion(self, name: bytes, st: os.stat_result) -> None:
+        head = _header(name, b"0", 0, 0, 0, 0, max(st.st_mtime_ns // 10**9, 0) * 10**9)
+        self.w.reserve(len(head), os.fsdecode(name))
+        self.w.put(head)
+        self.w.stats["deletions"] += 1
+
+    def check_overlay(self, xattrs: dict[str, bytes], name: bytes) -> None:
+        for flag in ("metacopy", "redirect"):
+            if _overlay_flag(xattrs, flag) is not None:
+                raise LayerError(
+                    f"{os.fsdecode(name)!r} in the upperdir carries overlay {flag} data, which lives in the "
+                    f"lower layers and cannot be carried as a diff; mount the overlay with "
+                    f"metacopy=off,redirect_dir=off (Docker's default)"
+                )
+
+    def walk_dir(self, dfd: int, rel: bytes, st: os.stat_result) -> None:
+        xattrs = _read_xattrs(dfd)
+        if self.diff:
+            self.check_overlay(xattrs, rel or b".")
+        self.entry((rel or b".") + b"/", b"5", st, xattrs)
+        prefix = rel + b"/" if rel else b""
+        if self.diff and _overlay_flag(xattrs, "opaque") == b"y":
+            self.deletion(prefix + OPAQUE_MARKER.encode(), st)
+        if rel and st.st_dev != self.dev:
+            return  # a mount point: record it, do not descend (like tar --one-file-system)
+        for name in sorted(os.listdir(dfd)):
+            self.walk_child(dfd, name, prefix + os.fsencode(name))
+
+    def walk_child(self, dfd: int, name: str, rel: bytes) -> None:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        mode = st.st_mode
+        if self.diff:
+            if stat.S_ISCHR(mode) and st.st_rdev == 0:  # an overlay whiteout
+                self.deletion(_whiteout_name(rel), st)
+                return
+            if name.startswith(WHITEOUT_PREFIX):
+                raise LayerError(
+                    f"{os.fsdecode(rel)!r}: a real file whose name starts with {WHITEOUT_PREFIX!r} cannot be "
+                    "represented in an OCI-style diff"
+                )
+        if stat.S_ISDIR(mode):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                self.walk_dir(fd, rel, st)
+            finally:
+                os.close(fd)
+            return
+        if stat.S_ISSOCK(mode) or not (
+            stat.S_ISREG(mode)
+            or stat.S_ISLNK(mode)
+            or stat.S_ISFIFO(mode)
+            or stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode)
+        ):
+            self.w.stats["skipped"] += 1
+            return
+        if stat.S_ISREG(mode):
+            fd = _open_nofollow_read(dfd, name)
+            try:
+                xattrs = _read_xattrs(fd)
+                if self.diff:
+                    self.check_overlay(xattrs, rel)
+                    if st.st_size == 0 and _overlay_flag(xattrs, "whiteout") is not None:  # an xwhiteout
+                        self.deletion(_whiteout_name(rel), st)
+                        return
+                if self.hardlink(rel, st, xattrs):
+                    return
+                self.regular(fd, rel, st, xattrs)
+            finally:
+                os.close(fd)
+            return
+        proc = f"/proc/self/fd/{dfd}/{name}"
+        xattrs = _read_xattrs(proc, follow=False)
+        if self.hardlink(rel, st, xattrs):
+            return
+        if stat.S_ISLNK(mode):
+            self.entry(rel, b"2", st, xattrs, linkname=os.fsencode(os.readlink(name, dir_fd=dfd)))
+        elif stat.S_ISFIFO(mode):
+            self.entry(rel, b"6", st, xattrs)
+        else:
+            self.entry(rel, b"3" if stat.S_ISCHR(mode) else b"4", st, xattrs)
+
+    def hardlink(self, rel: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> bool:
+        """Write a link entry if this inode was already stored under another name."""
+        if st.st_nlink < 2:
+            return False
+        key = (st.st_dev, st.st_ino)
+        first = self.links.get(key)
+        if first is None:
+            self.links[key] = rel
+            return False
+        self.entry(rel, b"1", st, xattrs, linkname=first)
+        return True
+
+    def regular(self, fd: int, rel: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+        size = st.st_size
+        what = os.fsdecode(rel)
+        extents = _data_extents(fd, size) if st.st_blocks * 512 < size else [(0, size)]
+        if sum(n for _, n in extents) == size:
+            self.entry(rel, b"0", st, xattrs, size=size)
+            if size:
+                self.w.send(fd, 0, size, what)
+                self.w.put(b"\0" * (-size % BLOCK))
+            self.w.stats["bytes"] += size
+            return
+        # GNU tar sizes the file from the last map entry: end a trailing hole with an empty one.
+        entries = [*extents, (size, 0)] if not extents or sum(extents[-1]) < size else extents
+        sparse_map = _pad(b"".join([b"%d\n" % len(entries)] + [b"%d\n%d\n" % e for e in entries]))
+        data = sum(n for _, n in extents)
+        stored = len(sparse_map) + data
+        pax = [
+            (b"GNU.sparse.major", b"1"),
+            (b"GNU.sparse.minor", b"0"),
+            (b"GNU.sparse.name", rel),
+            (b"GNU.sparse.realsize", b"%d" % size),
+        ]
+        kept = {k: v for k, v in xattrs.items() if _keep_xattr(k)}
+        head = _header(
+            _SPARSE_NAME,
+            b"0",
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            stored,
+            st.st_mtime_ns,
+            xattrs=kept,
+            pax_first=pax,
+        )
+        self.w.reserve(len(head) + stored + (-stored % BLOCK), what)
+        self.w.put(head + sparse_map)
+        for offset, length in extents:
+            self.w.send(fd, offset, length, what)
+        self.w.put(b"\0" * (-stored % BLOCK))
+        self.w.stats["files"] += 1
+        self.w.stats["bytes"] += data
+
+
+def _whiteout_name(rel: bytes) -> bytes:
+    """`dir/name` -> `dir/.wh.name`."""
+    parent, _, base = rel.rpartition(b"/")
+    return (parent + b"/" if parent else b"") + WHITEOUT_PREFIX.encode() + base
+
+
+def _open_nofollow_read(dfd: int, name: str) -> int:
+    """Open for reading without following a symlink or (when allowed) touching atime."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
+    except PermissionError:
+        return os.open(name, flags, dir_fd=dfd)
+
+
+def _capture(path: str, out_path: str, max_bytes: int | None, diff: bool) -> dict:
+    try:
+        writer = _TarWriter(out_path, max_bytes)
+    except OSError as e:
+        raise LayerError(f"cannot create {out_path}: {e}") from e
+    try:
+        rootfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(rootfd)
+            _Capture(writer, diff, st.st_dev).walk_dir(rootfd, b"", st)
+        finally:
+            os.close(rootfd)
+        writer.finish()
+    except BaseException as e:
+        writer.abort()
+        if isinstance(e, OSError):
+            raise LayerError(f"cannot capture {path} into {out_path}: {e}") from e
+        if isinstance(e, RecursionError):
+            raise LayerError(f"cannot capture {path}: directory tree too deep") from e
+        raise
+    writer.stats["tar_bytes"] = writer.size
+    return writer.stats
+
+
+def capture_diff(upperdir: str, out_path: str, max_bytes: int | None = None) -> dict:
+    """Tar the overlay writable layer at `upperdir`, deletions included, into out_path.
+
+    Whiteouts become `.wh.<name>` entries and opaque directories a `.wh..wh..opq` marker, so that
+    apply_diff onto a fresh copy of the image yields exactly the container's merged view. Returns
+    {files, bytes, deletions, skipped, tar_bytes}: entries stored, file data bytes stored (holes
+    excluded), deletion markers, sockets skipped, and the tar's size. max_bytes caps the tar's size;
+    beyond it TooLarge is raised and out_path is not created.
+    """
+    return _capture(upperdir, out_path, max_bytes, diff=True)
+
+
+def capture_tree(path: str, out_path: str, max_bytes: int | None = None) -> dict:
+    """Tar a whole directory (a /dev/shm tmpfs, a writable bind mount, a plain rootfs) into out_path.
+
+    Same fidelity and TooLarge rule as capture_diff, but no overlay interpretation: a 0:0 character
+    device is stored as a device. Mount points below `path` are recorded but not descended into.
+    """
+    return _capture(path, out_path, max_bytes, diff=False)
+
+
+# ----------------------------------------------------------------------------------------- apply
+
+
+@dataclass
+class _Step:
+    kind: str  # file, link, symlink, dir, fifo, chr, blk, whiteout, opaque
+    parts: tuple[str, ...]  # path below the destination, component by component
+    member: tarfile.TarInfo
+    link: tuple[str, ...] = ()  # hard-link target
+
+
+def _split(name: str, what: str) -> tuple[str, ...]:
+    """Components of an archive path, refusing anything that could point outside the destination."""
+    if "\0" in name:
+        raise LayerError(f"refusing {what} {name!r}: NUL byte in path")
+    if name.startswith("/"):
+        raise LayerError(f"refusing {what} {name!r}: absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise LayerError(f"refusing {what} {name!r}: '..' component")
+    return parts
+
+
+def _plan(members: list[tarfile.TarInfo], diff: bool) -> list[_Step]:
+    """Validate every member before anything is written; refuse the archive on the first bad one."""
+    steps: list[_Step] = []
+    stored: set[tuple[str, ...]] = set()
+    for m in members:
+        kind = _TYPE_KINDS.get(m.type)
+        if kind is None:
+            raise LayerError(f"refusing entry {m.name!r}: unsupported tar entry type {m.type!r}")
+        parts = _split(m.name, "entry")
+        if diff:
+            for i, part in enumerate(parts):
+                if not part.startswith(WHITEOUT_PREFIX):
+                    continue
+                if i != len(parts) - 1 or kind != "file":
+                    raise LayerError(f"refusing entry {m.name!r}: misplaced whiteout name")
+                if part == OPAQUE_MARKER:
+                    steps.append(_Step("opaque", parts[:-1], m))
+                elif not part.startswith(WHITEOUT_PREFIX * 2):  # .wh..wh.* is aufs bookkeeping: ignored
+                    target = part[len(WHITEOUT_PREFIX) :]
+                    if target in ("", ".", ".."):
+                        raise LayerError(f"refusing whiteout {m.name!r}: it names no file")
+                    steps.append(_Step("whiteout", (*parts[:-1], target), m))
+                kind = ""
+            if not kind:
+                continue
+        if not parts and kind != "dir":
+            raise LayerError(f"refusing entry {m.name!r}: the archive root must be a directory")
+        link: tuple[str, ...] = ()
+        if kind == "link":
+            link = _split(m.linkname, f"hard link {m.name!r} ->")
+            if link not in stored or link == parts:
+                raise LayerError(
+                    f"refusing hard link {m.name!r} -> {m.linkname!r}: the target is not an earlier entry"
+                    " of this archive"
+                )
+        if kind == "dir":
+            stored.discard(parts)
+        else:
+            stored.add(parts)
+        steps.append(_Step(kind, parts, m, link))
+    return steps
+
+
+def _pax_ns(text: str) -> int:
+    """Nanoseconds from a pax time such as `1700000000.123456789` or `-1.5`."""
+    sign = -1 if text.startswith("-") else 1
+    whole, _, frac = text.lstrip("+-").partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(text)
+    return sign * (int(whole) * 10**9 + int((frac + "0" * 9)[:9]))
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    raw = m.pax_headers.get("mtime")
+    if raw:
+        try:
+            return _pax_ns(raw)
+        except ValueError:
+            pass
+    return int(m.mtime) * 10**9
+
+
+def _member_xattrs(m: tarfile.TarInfo) -> dict[str, bytes]:
+    return {
+        key[len(XATTR_PAX_PREFIX) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in m.pax_headers.items()
+        if key.startswith(XATTR_PAX_PREFIX) and _keep_xattr(key[len(XATTR_PAX_PREFIX) :])
+    }
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(rootfd: int, parts: tuple[str, ...], create: bool) -> int | None:
+    """A new fd for the directory `parts` below rootfd, walked without following any symlink.
+
+    Missing components are created (mode 0755) when `create`; otherwise, and for a component that
+    is a symlink or not a directory, None is returned.
+    """
+    fd = os.dup(rootfd)
+    try:
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    return None
+                raise
+            os.close(fd)
+            fd = nfd
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _remove(dfd: int, name: str) -> bool:
+    """Remove `name` in dfd, a directory recursively, without following symlinks."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+    return True
+
+
+def _copy(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
+    """Copy count bytes from src@src_off to dst@dst_off, in the kernel where it can."""
+    os.lseek(dst, dst_off, os.SEEK_SET)
+    while count > 0:
+        try:
+            n = os.sendfile(dst, src, src_off, min(count, _COPY_CHUNK))
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, min(count, _FLUSH_AT), src_off)
+            n = len(data) and os.write(dst, data)
+        if n == 0:
+            raise LayerError("the archive is truncated")
+        src_off += n
+        count -= n
+
+
+class _Applier:
+    """Applies validated steps under rootfd, one O_NOFOLLOW walk per parent directory."""
+
+    def __init__(self, rootfd: int, rawfd: int, dest: str) -> None:
+        self.rootfd = rootfd
+        self.rawfd = rawfd
+        self.dest = dest
+        self.cached: tuple[tuple[str, ...], int] | None = None
+        self.dir_times: list[tuple[tuple[str, ...], int]] = []
+        self.stats = {"files": 0, "bytes": 0, "deletions": 0, "xattrs_skipped": 0}
+
+    def close(self) -> None:
+        if self.cached:
+            os.close(self.cached[1])
+            self.cached = None
+
+    def parent(self, parts: tuple[str, ...], name: str) -> int:
+        """The (cached) fd of directory `parts`, created if missing; refuse if it is a symlink."""
+        if self.cached and self.cached[0] == parts:
+            return self.cached[1]
+        self.close()  # so the cache is always this entry's parent, which no removal can affect
+        if not parts:
+            return self.rootfd
+        fd = _open_dir(self.rootfd, parts, create=True)
+        if fd is None:
+            raise LayerError(
+                f"refusing entry {name!r}: a parent directory in {self.dest} is a symlink or not a "
+                "directory (it would be written outside the destination or through a link)"
+            )
+        self.cached = (parts, fd)
+        return fd
+
+    def clear(self, parts: tuple[str, ...]) -> None:
+        """Remove the contents of a directory that exists (and is no symlink) under the root."""
+        fd = _open_dir(self.rootfd, parts, create=False)
+        if fd is None:
+            return
+        try:
+            for name in os.listdir(fd):
+                _remove(fd, name)
+        finally:
+            os.close(fd)
+
+    def delete(self, step: _Step) -> None:
+        if step.kind == "opaque":
+            self.clear(step.parts)
+        else:
+            fd = _open_dir(self.rootfd, step.parts[:-1], create=False)
+            if fd is not None:
+                try:
+                    _remove(fd, step.parts[-1])
+                finally:
+                    os.close(fd)
+        self.stats["deletions"] += 1
+
+    def set_xattrs(self, target: int | str, m: tarfile.TarInfo) -> None:
+        for key, value in _member_xattrs(m).items():
+            try:
+                if isinstance(target, int):
+                    os.setxattr(target, key, value)
+                else:
+                    os.setxattr(target, key, value, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                self.stats["xattrs_skipped"] += 1  # the destination filesystem cannot hold it
+
+    def fd_meta(self, fd: int, m: tarfile.TarInfo) -> None:
+        """Owner, then mode (chown clears setuid), then xattrs (chown clears file caps)."""
+        os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, m.mode & 0o7777)
+        self.set_xattrs(fd, m)
+
+    def apply(self, step: _Step) -> None:
+        m, parts = step.member, step.parts
+        if not parts:  # the archive root: the destination directory itself
+            self.fd_meta(self.rootfd, m)
+            self.dir_times.append((parts, _mtime_ns(m)))
+            self.stats["files"] += 1
+            return
+        pfd = self.parent(parts[:-1], m.name)
+        leaf = parts[-1]
+        try:
+            old = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            old = None
+        mtime = _mtime_ns(m)
+        if step.kind == "dir":
+            if old is not None and not stat.S_ISDIR(old.st_mode):
+                os.unlink(leaf, dir_fd=pfd)
+                old = None
+            if old is None:
+                os.mkdir(leaf, 0o700, dir_fd=pfd)
+            fd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                self.fd_meta(fd, m)
+            finally:
+                os.close(fd)
+            self.dir_times.append((parts, mtime))  # set last: writing children changes it
+        else:
+            if old is not None:  # replace, never write through: it may be a link or a symlink
+                _remove(pfd, leaf)
+            if step.kind == "file":
+                fd = os.open(
+                    leaf,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=pfd,
+                )
+                try:
+                    self.stats["bytes"] += self.write_data(fd, m)
+                    self.fd_meta(fd, m)
+                    os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
+            elif step.kind == "link":
+                tfd = _open_dir(self.rootfd, step.link[:-1], create=False)
+                if tfd is None:
+                    raise LayerError(f"refusing hard link {m.name!r}: its target's directory is gone")
+                try:
+                    os.link(step.link[-1], leaf, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+                finally:
+                    os.close(tfd)
+            else:
+                self.special(pfd, leaf, step.kind, m, mtime)
+        self.stats["files"] += 1
+
+    def special(self, pfd: int, leaf: str, kind: str, m: tarfile.TarInfo, mtime: int) -> None:
+        """Symlinks, fifos and device nodes: metadata set by name, never following the leaf."""
+        if kind == "symlink":
+            os.symlink(m.linkname, leaf, dir_fd=pfd)
+        elif kind == "fifo":
+            os.mkfifo(leaf, 0o600, dir_fd=pfd)
+        else:
+            kind_bit = stat.S_IFCHR if kind == "chr" else stat.S_IFBLK
+            os.mknod(leaf, kind_bit | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+        os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        if kind != "symlink":
+            os.chmod(leaf, m.mode & 0o7777, dir_fd=pfd, follow_symlinks=False)
+        self.set_xattrs(f"/proc/self/fd/{pfd}/{leaf}", m)
+        os.utime(leaf, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+    def write_data(self, fd: int, m: tarfile.TarInfo) -> int:
+        """Copy a member's data from the raw archive; sparse members get their holes back."""
+        if m.sparse is None:
+            _copy(self.rawfd, m.offset_data, fd, 0, m.size)
+            return m.size
+        pos = m.offset_data
+        for offset, length in m.sparse:
+            if length:
+                _copy(self.rawfd, pos, fd, offset, length)
+            pos += length
+        os.ftruncate(fd, m.size)
+        return pos - m.offset_data
+
+    def set_dir_times(self) -> None:
+        for parts, mtime in reversed(self.dir_times):  # deepest first; utime leaves the parent alone
+            fd = _open_dir(self.rootfd, parts, create=False)
+            if fd is None:
+                continue  # replaced by a later entry
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+
+
+def _apply(tar_path: str, dest: str, diff: bool, clear: bool = False) -> dict:
+    try:
+        with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
+            members = tf.getmembers()
+    except (tarfile.TarError, OSError, ValueError, EOFError, OverflowError) as e:
+        raise LayerError(f"cannot read layer archive {tar_path}: {e}") from e
+    try:
+        steps = _plan(members, diff)
+    except LayerError as e:
+        raise LayerError(f"{tar_path}: {e}") from e
+    rawfd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rootfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        os.close(rawfd)
+        raise LayerError(f"cannot open destination {dest}: {e}") from e
+    applier = _Applier(rootfd, rawfd, dest)
+    step = None
+    try:
+        if clear:
+            applier.clear(())
+        for step in steps:  # deletions first: they only ever concern what was there before
+            if step.kind in ("whiteout", "opaque"):
+                applier.delete(step)
+        for step in steps:
+            if step.kind not in ("whiteout", "opaque"):
+                applier.apply(step)
+        step = None
+        applier.set_dir_times()
+    except OSError as e:
+        where = f" at {step.member.name!r}" if step else ""
+        raise LayerError(f"cannot apply {tar_path} to {dest}{where}: {e}") from e
+    except LayerError as e:
+        raise LayerError(f"{tar_path} -> {dest}: {e}") from e
+    finally:
+        applier.close()
+        os.close(rootfd)
+        os.close(rawfd)
+    return applier.stats
+
+
+def apply_diff(tar_path: str, rootfs: str) -> dict:
+    """Lay a capture_diff archive onto a rootfs directory (a fresh copy of the same image).
+
+    Deletions go first (a whiteout removes the path, an opaque marker empties the directory), then
+    entries with their owners, modes, xattrs and mtimes; an existing non-directory is replaced,
+    never written through. Hostile archives are refused with LayerError before anything is
+    written where the paths themselves are bad, and at the entry that would pass through a symlink
+    otherwise. Returns {files, bytes, deletions, xattrs_skipped}.
+    """
+    return _apply(tar_path, rootfs, diff=True)
+
+
+def apply_tree(tar_path: str, dest: str, clear: bool = False) -> dict:
+    """Refill a directory (the new /dev/shm, a bind-mount source) from a capture_tree archive.
+
+    Same safety rules as apply_diff; `.wh.` names are plain files here. Existing entries not in
+    the archive are kept unless clear=True, which empties dest first (a host directory may hold
+    data that is not ours to delete).
+    """
+    return _apply(tar_path, dest, diff=False, clear=clear)

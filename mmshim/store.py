@@ -1,0 +1,1680 @@
+"""Checkpoint storage: content-addressed, zstd-compressed, crash-safe; on a local dir or in S3.
+
+A checkpoint is a directory tree (the engine's staging dir: CRIU images, rootfs.tar, mounts/*.tar)
+plus a metadata dict. The repository layout follows restic's ideas: file data lives in shared,
+immutable, content-addressed chunks; a checkpoint is a small manifest naming its chunks, written
+last. Two checkpoints of a barely changed container share almost all chunks, so the second one
+uploads only what changed.
+
+URLs: ``file:///abs/path`` (or a bare absolute path) and ``s3://bucket/prefix``.
+
+Repository format (version 1), keys relative to the store root
+------------------------------------------------------------------
+``chunks/<sha[:2]>/<sha>``
+    One chunk of a file: a single zstd frame (level 1 by default; zstd stores incompressible blocks
+    raw at GB/s, so no separate "stored" mode is needed) holding the raw bytes whose SHA-256 is
+    <sha>. Files are cut at fixed offsets (``chunk_size``, default 4 MiB, a multiple of the page
+    size) so an unchanged run of memory pages in a CRIU page image yields the same chunks in the
+    next dump. Chunks are immutable and written at most once; a save skips a chunk that already
+    exists (and that gc cannot be about to delete, see below).
+``jobs/<job>/checkpoints/<checkpoint_id>.json``
+    The manifest. ``checkpoint_id`` is ``YYYYmmddTHHMMSS.mmmZ-<6 hex>`` (UTC, sorts by time). The
+    file is exactly ``{"manifest":<body>,"sha256":"<hex>"}`` + newline, where <hex> is the SHA-256 of
+    the bytes of <body>, so a truncated or altered manifest is detected. <body> holds::
+
+        {"format": 1, "job_id", "checkpoint_id", "created" (epoch s), "chunk_size",
+         "compression": "zstd", "size" (raw bytes), "stored" (bytes newly written), "meta": {...},
+         "files": [{"name": "criu/pages-1.img", "size", "mode", "chunks": [[sha, raw_len, stored_len], ...]}]}
+
+    ``name`` is relative, "/"-separated, without "", "." or ".." parts. ``stored_len`` (the chunk
+    object's size) lets a download skip a HEAD. The manifest is written after every chunk it
+    names is durable, in one atomic step (file: temp file + fsync + rename + fsync of the dir;
+    S3: one PUT), so a crash never leaves a manifest that looks complete but is not.
+``jobs/<job>/inflight/<checkpoint_id>``
+    JSON ``{"created", "host", "pid"}``, written before a save's first chunk and removed after its
+    manifest. While one younger than the grace period exists, gc deletes nothing.
+``jobs/<job>/bad/<checkpoint_id>``
+    JSON ``{"reason", "time", "host"}``: the checkpoint failed verification (missing or corrupt
+    chunk, bad manifest) and is never offered again by latest_good/fetch_latest.
+``jobs/<job>/events/<YYYYmmddTHHMMSS.uuuuuuZ-<6 hex>>.json``
+    Small JSON documents: the job's history, in time order.
+
+Files whose name starts with ``.tmp-`` are a file-store's temp files, never part of the format;
+gc removes old ones.
+
+Why gc is safe without locks: gc never deletes a chunk younger than its grace period, nor anything
+while a fresh in-flight marker exists, and looks for markers and new manifests again right before
+deleting. A save writes its marker first and reuses an existing chunk only if the chunk is younger
+than half the grace period (else it rewrites it, which makes it young) or if a good manifest of
+the same job references it. Residual risk, accepted: gc run with a grace shorter than a save, or
+``retain`` of a job running concurrently with a save of the same job.
+
+Job ids are checked by validate_job_id; names in a manifest are checked again at fetch time and
+files are created through directory descriptors with O_NOFOLLOW, so nothing is ever written
+outside the destination directory.
+"""
+
+from __future__ import annotations
+
+import calendar
+import concurrent.futures as cf
+import contextlib
+import errno
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+import zstandard
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointUnusable",
+    "InvalidJobId",
+    "Store",
+    "StoreError",
+    "open_store",
+    "validate_job_id",
+]
+
+log = logging.getLogger("mmshim.store")
+
+FORMAT = 1
+KiB = 1024
+MiB = 1024 * KiB
+DEFAULT_CHUNK_SIZE = 4 * MiB
+DEFAULT_CONCURRENCY = 8
+DEFAULT_GRACE_SECONDS = 6 * 3600.0
+DEFAULT_COMPRESSION_LEVEL = 1
+MODE_MASK = 0o777  # no setuid/setgid/sticky from a manifest
+POLL_SECONDS = 0.2  # how often a save re-scans files that are still growing
+
+_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_CID_RE = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}")
+_EVENT_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}\.json")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIX = ".tmp-"
+_MANIFEST_HEAD = b'{"manifest":'
+
+
+class StoreError(Exception):
+    """Any failure of the store; the message is meant for an operator."""
+
+
+class InvalidJobId(StoreError):
+    """A job id that could not be used safely as a key or path component."""
+
+
+class CheckpointUnusable(StoreError):
+    """The checkpoint cannot be restored (missing/corrupt chunk, damaged manifest)."""
+
+
+class _NotFound(StoreError):
+    """The object does not exist (internal: callers turn it into something meaningful)."""
+
+
+@dataclass
+class CheckpointInfo:
+    job_id: str
+    checkpoint_id: str
+    created: float  # epoch seconds, when the save started
+    size: int  # raw bytes of all files
+    stored: int  # compressed chunk bytes this save newly wrote
+    state: str  # "good" | "bad"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# Test hook: called at named points of a save (crash-safety tests make it os._exit). Never set in
+# production; a no-op check costs nothing.
+_fault_hook: Callable[..., None] | None = None
+
+
+def _fault(point: str, **info: Any) -> None:
+    if _fault_hook is not None:
+        _fault_hook(point, **info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and ids
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return the job id as used in keys and paths (unchanged), or raise InvalidJobId.
+
+    Batch ids are UUIDs, array children ``uuid:index``; anything that could escape the job's
+    prefix ("/", "..", "\\", control characters) is refused rather than escaped, so that a key is
+    always readable and maps to exactly one id.
+    """
+    if not isinstance(job_id, str):
+        raise InvalidJobId(f"job id must be a string, not {type(job_id).__name__}")
+    if not job_id:
+        raise InvalidJobId("job id is empty")
+    if len(job_id) > 128:
+        raise InvalidJobId(f"job id is {len(job_id)} characters long; at most 128 are allowed")
+    if ".." in job_id:
+        raise InvalidJobId(f"job id {job_id!r} contains '..'")
+    if not _JOB_RE.fullmatch(job_id):
+        raise InvalidJobId(
+            f"job id {job_id!r} is not allowed: use letters, digits and . _ : - only, "
+            "starting with a letter or digit (no '/', '\\', spaces or control characters)"
+        )
+    return job_id
+
+
+def _check_checkpoint_id(checkpoint_id: str) -> str:
+    if not isinstance(checkpoint_id, str) or not _CID_RE.fullmatch(checkpoint_id):
+        raise StoreError(f"invalid checkpoint id {checkpoint_id!r} (expected YYYYmmddTHHMMSS.mmmZ-xxxxxx)")
+    return checkpoint_id
+
+
+def _check_name(name: Any) -> str:
+    """A file name from a tree or a manifest: relative, normalized, no way out of its root."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointUnusable(f"invalid file name {name!r}")
+    if name.startswith("/") or "\\" in name or any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        raise CheckpointUnusable(f"refusing file name {name!r}: absolute or with forbidden characters")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise CheckpointUnusable(f"refusing file name {name!r}: empty, '.' or '..' component")
+    return name
+
+
+def _new_checkpoint_id(now: float) -> str:
+    ms = int(now * 1000) % 1000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{ms:03d}Z-{secrets.token_hex(3)}"
+
+
+def _checkpoint_time(checkpoint_id: str) -> float:
+    return (
+        calendar.timegm(time.strptime(checkpoint_id[:15], "%Y%m%dT%H%M%S")) + int(checkpoint_id[16:19]) / 1000
+    )
+
+
+_event_lock = threading.Lock()
+_last_event_us = 0
+
+
+def _new_event_id(now: float) -> str:
+    """Time-sortable and strictly increasing within this process (events keep their order)."""
+    global _last_event_us
+    with _event_lock:
+        us = max(int(now * 1_000_000), _last_event_us + 1)
+        _last_event_us = us
+    secs, frac = divmod(us, 1_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(secs)) + f".{frac:06d}Z-{secrets.token_hex(3)}"
+
+
+def _chunk_key(sha: str) -> str:
+    return f"chunks/{sha[:2]}/{sha}"
+
+
+def _job_prefix(job: str) -> str:
+    return f"jobs/{job}/"
+
+
+def _manifest_key(job: str, cid: str) -> str:
+    return f"jobs/{job}/checkpoints/{cid}.json"
+
+
+def _bad_key(job: str, cid: str) -> str:
+    return f"jobs/{job}/bad/{cid}"
+
+
+def _inflight_key(job: str, cid: str) -> str:
+    return f"jobs/{job}/inflight/{cid}"
+
+
+def _json_bytes(doc: Any) -> bytes:
+    try:
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"not JSON-serializable: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest encoding
+
+
+def _encode_manifest(doc: dict[str, Any]) -> bytes:
+    body = _json_bytes(doc)
+    return _MANIFEST_HEAD + body + b',"sha256":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+
+
+def _decode_manifest(data: bytes, where: str) -> dict[str, Any]:
+    """Parse and verify a manifest; CheckpointUnusable if truncated, altered or malformed."""
+    if not data.startswith(_MANIFEST_HEAD):
+        raise CheckpointUnusable(f"manifest {where} is damaged: bad header ({len(data)} bytes)")
+    try:
+        text = data.decode("ascii")
+        doc, end = json.JSONDecoder().raw_decode(text, len(_MANIFEST_HEAD))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointUnusable(f"manifest {where} is damaged or truncated ({len(data)} bytes): {e}") from e
+    m = re.fullmatch(r',"sha256":"([0-9a-f]{64})"\}\n?', text[end:])
+    if not m:
+        raise CheckpointUnusable(f"manifest {where} is truncated: checksum missing ({len(data)} bytes)")
+    if hashlib.sha256(data[len(_MANIFEST_HEAD) : end]).hexdigest() != m.group(1):
+        raise CheckpointUnusable(f"manifest {where} is damaged: checksum mismatch")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointUnusable(f"manifest {where} has unknown format {doc.get('format')!r}")
+    return doc
+
+
+@dataclass
+class _FileEntry:
+    name: str
+    size: int
+    mode: int
+    chunks: list[tuple[str, int, int]]  # sha, raw length, stored length
+
+
+def _manifest_files(doc: dict[str, Any], where: str) -> list[_FileEntry]:
+    """The manifest's files, checked so that a fetch can trust them (names, sizes, chunk lists)."""
+
+    def bad(why: str) -> CheckpointUnusable:
+        return CheckpointUnusable(f"manifest {where} is invalid: {why}")
+
+    files = doc.get("files")
+    if not isinstance(files, list):
+        raise bad("no file list")
+    out: list[_FileEntry] = []
+    names: set[str] = set()
+    dirs: set[str] = set()
+    for f in files:
+        if not isinstance(f, dict):
+            raise bad("file entry is not an object")
+        name = _check_name(f.get("name"))
+        size, mode, chunks = f.get("size"), f.get("mode"), f.get("chunks")
+        if not isinstance(size, int) or size < 0 or not isinstance(mode, int) or not isinstance(chunks, list):
+            raise bad(f"bad size/mode/chunks for {name!r}")
+        entries = []
+        for c in chunks:
+            if (
+                not isinstance(c, list)
+                or len(c) != 3
+                or not isinstance(c[0], str)
+                or not _SHA_RE.fullmatch(c[0])
+                or not all(isinstance(n, int) and n > 0 for n in c[1:])
+            ):
+                raise bad(f"bad chunk entry {c!r} for {name!r}")
+            entries.append((c[0], c[1], c[2]))
+        if sum(c[1] for c in entries) != size:
+            raise bad(f"chunks of {name!r} do not add up to its size {size}")
+        if name in names or name in dirs:
+            raise bad(f"duplicate name {name!r}")
+        parents = {name.rsplit("/", i)[0] for i in range(1, name.count("/") + 1)}
+        if parents & names:
+            raise bad(f"{name!r} is inside a file")
+        names.add(name)
+        dirs |= parents
+        out.append(_FileEntry(name, size, mode & MODE_MASK, entries))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: a flat key/value space with atomic whole-object PUTs, sorted listings and async
+# chunk transfers.
+
+
+@dataclass(frozen=True)
+class _Obj:
+    key: str  # relative to the store root
+    size: int
+    mtime: float
+
+
+class _Transfers(Protocol):
+    """Chunk transfers of one save or fetch; futures complete from the transfer threads."""
+
+    def put(self, key: str, data: bytes) -> cf.Future[None]: ...
+    def get(self, key: str, size: int) -> cf.Future[bytes]: ...
+    def __enter__(self) -> _Transfers: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _Backend(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, *, bulk: bool = False) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def head(self, key: str) -> _Obj | None: ...
+    def list(self, prefix: str) -> Iterator[_Obj]: ...
+    def list_dirs(self, prefix: str) -> list[str]: ...
+    def delete(self, keys: Iterable[str]) -> None: ...
+    def transfers(self) -> _Transfers: ...
+    def sweep(self, older_than: float) -> int: ...
+    def close(self) -> None: ...
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until done (a module function so tests can simulate a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileBackend:
+    """Keys are paths under root; every PUT is temp file + fsync + rename + fsync(dir)."""
+
+    def __init__(self, root: Path, concurrency: int) -> None:
+        self.root = root
+        self.url = f"file://{root}"
+        self._concurrency = concurrency
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store directory {root}: {e}") from e
+
+    def _path(self, key: str) -> Path:
+        parts = key.rstrip("/").split("/")
+        if any(p in ("", ".", "..") for p in parts):  # keys are built from checked ids only
+            raise StoreError(f"internal error: unsafe key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def _error(self, op: str, path: Path, e: OSError) -> StoreError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreError(f"no space left on device while writing {path} (store {self.root})")
+        return StoreError(f"cannot {op} {path}: {e.strerror or e}")
+
+    def put(self, key: str, data: bytes, *, bulk: bool = False) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
+        fd = -1
+        for attempt in range(3):  # the parent may be missing, or pruned by a concurrent delete
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                break
+            except FileNotFoundError as e:
+                if attempt == 2:
+                    raise self._error("create", tmp, e) from e
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e2:
+                    raise self._error("create", path.parent, e2) from e2
+            except OSError as e:
+                raise self._error("create", tmp, e) from e
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fault("tmp_written", key=key)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self._error("write", path, e) from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise _NotFound(f"{path} does not exist") from None
+        except OSError as e:
+            raise self._error("read", path, e) from e
+
+    def head(self, key: str) -> _Obj | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._error("stat", self._path(key), e) from e
+        return _Obj(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str) -> Iterator[_Obj]:
+        base = self._path(prefix)
+        found: list[_Obj] = []
+        try:
+            for dirpath, _dirs, files in os.walk(base, onerror=_raise):
+                rel = Path(dirpath).relative_to(self.root).as_posix()
+                for name in files:
+                    if name.startswith(_TMP_PREFIX):
+                        continue
+                    try:
+                        st = os.lstat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        found.append(_Obj(f"{rel}/{name}", st.st_size, st.st_mtime))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._error("list", base, e) from e
+        found.sort(key=lambda o: o.key)
+        return iter(found)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self._path(prefix)) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._error("list", self._path(prefix), e) from e
+
+    def delete(self, keys: Iterable[str]) -> None:
+        parents: set[Path] = set()
+        jobs = self.root / "jobs"
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise self._error("delete", path, e) from e
+            parents.update(p for p in path.parents if p.is_relative_to(jobs) and p != jobs)
+        # Prune emptied job directories so jobs() forgets deleted jobs; chunk dirs stay (saves
+        # write into them concurrently and there are only 256).
+        for p in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+    def transfers(self) -> _FileTransfers:
+        return _FileTransfers(self)
+
+    def sweep(self, older_than: float) -> int:
+        """Remove temp files left by crashed writers."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    if name.startswith(_TMP_PREFIX) and os.lstat(path).st_mtime < older_than:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def close(self) -> None:
+        pass
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
+class _FileTransfers:
+    """Chunk I/O of one operation on a small thread pool."""
+
+    def __init__(self, backend: _FileBackend) -> None:
+        self._backend = backend
+        self._pool = cf.ThreadPoolExecutor(backend._concurrency, thread_name_prefix="mmshim-store-io")
+
+    def put(self, key: str, data: bytes) -> cf.Future[None]:
+        return self._pool.submit(self._backend.put, key, data, bulk=True)
+
+    def get(self, key: str, size: int) -> cf.Future[bytes]:
+        return self._pool.submit(self._backend.get, key)
+
+    def __enter__(self) -> _FileTransfers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@functools.cache
+def _subscriber_class() -> type:
+    """A TransferManager subscriber completing a concurrent.futures.Future (s3transfer is lazy)."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class FutureSubscriber(BaseSubscriber):
+        def __init__(self, target: cf.Future, value: Callable[[], Any], size: int | None, error: Callable):
+            self._target, self._value, self._size, self._error = target, value, size, error
+
+        def on_queued(self, future: Any, **kwargs: Any) -> None:
+            if self._size is not None:
+                future.meta.provide_transfer_size(self._size)  # saves a HEAD per chunk
+
+        def on_done(self, future: Any, **kwargs: Any) -> None:
+            try:
+                future.result()
+            except BaseException as e:
+                self._target.set_exception(self._error(e))
+            else:
+                self._target.set_result(self._value())
+
+    return FutureSubscriber
+
+
+class _S3Backend:
+    """boto3 client with botocore's standard retries; chunk transfers through s3transfer."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        region: str | None,
+        profile: str | None,
+        sse: str | None,
+        kms_key_id: str | None,
+        storage_class: str | None,
+        concurrency: int,
+        chunk_size: int,
+        max_attempts: int,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        import boto3
+        import botocore.exceptions
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        self._concurrency, self._chunk_size, self._max_attempts = concurrency, chunk_size, max_attempts
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+            self.client = session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": max_attempts},
+                    max_pool_connections=2 * concurrency + 4,
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                ),
+            )
+        except botocore.exceptions.BotoCoreError as e:
+            raise StoreError(f"cannot set up S3 client for {self.url}: {e}") from e
+        self._sse: dict[str, str] = {}
+        if sse:
+            self._sse["ServerSideEncryption"] = sse
+        if kms_key_id:
+            self._sse["SSEKMSKeyId"] = kms_key_id
+        self._bulk = dict(self._sse, **({"StorageClass": storage_class} if storage_class else {}))
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    def error(self, op: str, key: str, e: BaseException) -> StoreError:
+        """Map a botocore/s3transfer failure to a StoreError an operator can act on."""
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        if isinstance(e, StoreError):
+            return e
+        where = f"s3://{self.bucket}/{self._k(key)}"
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", "?"))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return _NotFound(f"{where} does not exist")
+            if code == "NoSuchBucket":
+                return StoreError(f"S3 bucket {self.bucket!r} does not exist ({op} {where})")
+            return StoreError(f"S3 {op} {where} failed: {code} (HTTP {status}): {err.get('Message', '')}")
+        if isinstance(e, BotoConnectionError | HTTPClientError):
+            return StoreError(
+                f"S3 {op} {where} failed: cannot reach {self.client.meta.endpoint_url} "
+                f"(after {self._max_attempts} attempts): {e}"
+            )
+        if isinstance(e, BotoCoreError):
+            return StoreError(f"S3 {op} {where} failed: {e}")
+        return StoreError(f"S3 {op} {where} failed: {type(e).__name__}: {e}")
+
+    def put(self, key: str, data: bytes, *, bulk: bool = False) -> None:
+        extra = self._bulk if bulk else self._sse
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **extra)
+        except Exception as e:
+            raise self.error("PUT", key, e) from e
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except Exception as e:
+            raise self.error("GET", key, e) from e
+
+    def head(self, key: str) -> _Obj | None:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+        except Exception as e:
+            err = self.error("HEAD", key, e)
+            if isinstance(err, _NotFound):
+                return None
+            raise err from e
+        return _Obj(key, r["ContentLength"], r["LastModified"].timestamp())
+
+    def list(self, prefix: str) -> Iterator[_Obj]:
+        """Lazily paginated: a caller that stops early costs one request."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._k(prefix)
+        )
+        try:
+            for page in pages:
+                for o in page.get("Contents", []):
+                    yield _Obj(o["Key"][len(self.prefix) :], o["Size"], o["LastModified"].timestamp())
+        except Exception as e:
+            raise self.error("LIST", prefix, e) from e
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._k(prefix), Delimiter="/"
+        )
+        try:
+            return [
+                p["Prefix"][len(self._k(prefix)) :].rstrip("/")
+                for page in pages
+                for p in page.get("CommonPrefixes", [])
+            ]
+        except Exception as e:
+            raise self.error("LIST", prefix, e) from e
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            try:
+                r = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._k(k)} for k in batch], "Quiet": True},
+                )
+            except Exception as e:
+                raise self.error("DELETE", batch[0], e) from e
+            if r.get("Errors"):
+                first = r["Errors"][0]
+                raise StoreError(
+                    f"S3 DELETE of {len(r['Errors'])} objects failed, e.g. {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message', '')}"
+                )
+
+    def transfers(self) -> _S3Transfers:
+        return _S3Transfers(self)
+
+    def sweep(self, older_than: float) -> int:
+        return 0  # S3 PUTs leave no temp objects
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _S3Transfers:
+    """One s3transfer TransferManager per operation: bounded, retried, parallel chunk transfers."""
+
+    def __init__(self, backend: _S3Backend) -> None:
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        self._b = backend
+        threshold = max(8 * MiB, 2 * backend._chunk_size)  # a chunk is always a single request
+        self._tm = TransferManager(
+            backend.client,
+            TransferConfig(
+                multipart_threshold=threshold,
+                multipart_chunksize=threshold,
+                max_request_concurrency=backend._concurrency,
+                num_download_attempts=backend._max_attempts,
+            ),
+        )
+
+    def put(self, key: str, data: bytes) -> cf.Future[None]:
+        target: cf.Future[None] = cf.Future()
+        sub = _subscriber_class()(target, lambda: None, None, lambda e: self._b.error("PUT", key, e))
+        self._tm.upload(io.BytesIO(data), self._b.bucket, self._b._k(key), self._b._bulk, [sub])
+        return target
+
+    def get(self, key: str, size: int) -> cf.Future[bytes]:
+        target: cf.Future[bytes] = cf.Future()
+        buf = io.BytesIO()
+        sub = _subscriber_class()(target, buf.getvalue, size, lambda e: self._b.error("GET", key, e))
+        self._tm.download(self._b.bucket, self._b._k(key), buf, subscribers=[sub])
+        return target
+
+    def __enter__(self) -> _S3Transfers:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._tm.shutdown(cancel=exc_type is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class _Pipeline:
+    """Bounds the chunks in flight (so memory is bounded) and keeps the first error.
+
+    Every successful start() is matched by exactly one finish(), from whichever thread ends
+    that chunk's work.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pending = 0
+        self._cv = threading.Condition()
+        self.error: BaseException | None = None
+
+    def start(self) -> bool:
+        with self._cv:
+            while self._pending >= self._limit and self.error is None:
+                self._cv.wait()
+            if self.error is not None:
+                return False
+            self._pending += 1
+            return True
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cv:
+            if error is not None and self.error is None:
+                self.error = error
+            self._pending -= 1
+            self._cv.notify_all()
+
+    def join(self) -> None:
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _Progress:
+    """Reports the running total of raw bytes done; a failing callback never fails the transfer."""
+
+    def __init__(self, callback: Callable[[int], None] | None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+            if self._callback is not None:
+                try:
+                    self._callback(self.total)
+                except Exception:
+                    log.exception("progress callback failed")
+
+
+@dataclass
+class _SrcFile:
+    name: str
+    offset: int = 0  # bytes handed to the pipeline so far
+    mode: int = 0o644
+    chunks: list[list[Any]] = field(default_factory=list)  # [sha, raw_len], filled by workers
+
+
+class _Save:
+    """State of one save, shared by the reader and the chunk workers."""
+
+    def __init__(self, transfers: _Transfers, known: dict[str, int], limit: int, progress: _Progress) -> None:
+        self.transfers = transfers
+        self.known = known  # sha -> stored length, from this job's good manifests
+        self.pipe = _Pipeline(limit)
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.claimed: set[str] = set()
+        self.sizes: dict[str, int] = {}
+        self.stored = 0
+        self.written = 0
+
+    def claim(self, sha: str) -> bool:
+        """True if this caller must make sure the chunk exists; False if it is taken care of."""
+        with self.lock:
+            if sha in self.known:
+                self.sizes.setdefault(sha, self.known[sha])
+                return False
+            if sha in self.claimed:
+                return False
+            self.claimed.add(sha)
+            return True
+
+
+class _TreeWriter:
+    """Creates files under a root without following any symlink; can undo what it created."""
+
+    def __init__(self, dest: str | os.PathLike[str]) -> None:
+        try:
+            os.makedirs(dest, exist_ok=True)
+            self.root = os.path.realpath(dest)
+        except OSError as e:
+            raise StoreError(f"cannot create {dest}: {e}") from e
+        self.fds: list[int] = []
+        self.files: list[str] = []
+        self.dirs: list[str] = []
+
+    def create(self, name: str, size: int) -> int:
+        parts = name.split("/")
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            path = self.root
+            for part in parts[:-1]:
+                path = os.path.join(path, part)
+                try:
+                    os.mkdir(part, 0o755, dir_fd=dfd)
+                    self.dirs.append(path)
+                except FileExistsError:
+                    pass
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                os.close(dfd)
+                dfd = nfd
+            path = os.path.join(path, parts[-1])
+            fd = os.open(
+                parts[-1],
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dfd,
+            )
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreError(
+                    f"cannot restore {name!r} into {self.root}: a path component is a symlink or "
+                    "not a directory (symlinks are never followed)"
+                ) from e
+            raise StoreError(f"cannot create {name!r} in {self.root}: {e.strerror or e}") from e
+        finally:
+            os.close(dfd)
+        self.fds.append(fd)
+        self.files.append(path)
+        try:
+            os.ftruncate(fd, size)  # allocates nothing: zero ranges stay holes until written
+        except OSError as e:
+            raise StoreError(f"cannot size {path}: {e.strerror or e}") from e
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def rollback(self) -> None:
+        self.close()
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for path in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
+def _reason(marker: bytes) -> str:
+    try:
+        return str(json.loads(marker).get("reason", "?"))
+    except (ValueError, AttributeError):
+        return "?"
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_full(fd: int, n: int, offset: int, name: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            raise StoreError(f"{name} shrank while it was being saved (files must only grow)")
+        data += more
+    return data
+
+
+class Store:
+    """A checkpoint repository; see the module docstring for the format and its guarantees."""
+
+    def __init__(
+        self,
+        backend: _Backend,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    ) -> None:
+        self._backend = backend
+        self.url = backend.url
+        self.chunk_size = chunk_size
+        self.concurrency = concurrency
+        self.compression_level = compression_level
+        self.grace_seconds = grace_seconds  # what gc is run with; decides which chunks a save may reuse
+        self._clock: Callable[[], float] = time.time
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _scan(self, job: str) -> tuple[list[str], set[str]]:
+        """Manifest ids (newest first) and bad ids of a job, from one listing.
+
+        Keys come sorted: bad/ < checkpoints/ < events/ < inflight/, so the listing stops at the
+        first key past checkpoints/ and usually costs one request however long the history.
+        """
+        base = _job_prefix(job)
+        manifests: list[str] = []
+        bad: set[str] = set()
+        for obj in self._backend.list(base):
+            rel = obj.key[len(base) :]
+            if rel.startswith("bad/"):
+                if _CID_RE.fullmatch(rel[4:]):
+                    bad.add(rel[4:])
+            elif rel.startswith("checkpoints/"):
+                name = rel[len("checkpoints/") :]
+                if name.endswith(".json") and _CID_RE.fullmatch(name[:-5]):
+                    manifests.append(name[:-5])
+            elif rel > "checkpoints/":
+                break
+        return sorted(manifests, reverse=True), bad
+
+    def _read_manifest(self, job: str, cid: str) -> tuple[dict[str, Any], list[_FileEntry]]:
+        """The verified manifest; _NotFound if gone, CheckpointUnusable if damaged."""
+        data = self._backend.get(_manifest_key(job, cid))
+        where = f"{job}/{cid}"
+        doc = _decode_manifest(data, where)
+        if doc.get("job_id") != job or doc.get("checkpoint_id") != cid:
+            raise CheckpointUnusable(f"manifest {where} names another checkpoint")
+        return doc, _manifest_files(doc, where)
+
+    def _info(self, job: str, cid: str, doc: dict[str, Any] | None, state: str) -> CheckpointInfo:
+        if doc is None:
+            return CheckpointInfo(job, cid, _checkpoint_time(cid), 0, 0, state, {})
+        meta = doc.get("meta")
+        return CheckpointInfo(
+            job,
+            cid,
+            float(doc.get("created") or _checkpoint_time(cid)),
+            int(doc.get("size") or 0),
+            int(doc.get("stored") or 0),
+            state,
+            meta if isinstance(meta, dict) else {},
+        )
+
+    def _mark_bad(self, job: str, cid: str, reason: str) -> None:
+        """Record why a checkpoint is unusable; failing to record it must not hide the reason."""
+        log.warning("checkpoint %s/%s is unusable, marking it bad: %s", job, cid, reason)
+        doc = {"reason": reason, "time": self._clock(), "host": socket.gethostname()}
+        try:
+            self._backend.put(_bad_key(job, cid), _json_bytes(doc))
+        except StoreError as e:
+            log.error("could not mark checkpoint %s/%s bad: %s", job, cid, e)
+
+    def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
+        """All checkpoints of a job, newest first; damaged ones show as "bad" (not marked here)."""
+        job = validate_job_id(job_id)
+        cids, bad = self._scan(job)
+        out = []
+        for cid in cids:
+            try:
+                doc, _ = self._read_manifest(job, cid)
+            except _NotFound:
+                continue
+            except CheckpointUnusable:
+                out.append(self._info(job, cid, None, "bad"))
+                continue
+            out.append(self._info(job, cid, doc, "bad" if cid in bad else "good"))
+        return out
+
+    def jobs(self) -> list[str]:
+        return [j for j in self._backend.list_dirs("jobs/") if _JOB_RE.fullmatch(j) and ".." not in j]
+
+    def latest_good(self, job_id: str) -> CheckpointInfo | None:
+        """Newest checkpoint not marked bad whose manifest verifies: one listing and one GET."""
+        job = validate_job_id(job_id)
+        cids, bad = self._scan(job)
+        for cid in cids:
+            if cid in bad:
+                continue
+            try:
+                doc, _ = self._read_manifest(job, cid)
+            except _NotFound:
+                continue
+            except CheckpointUnusable as e:
+                self._mark_bad(job, cid, str(e))
+                continue
+            return self._info(job, cid, doc, "good")
+        return None
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.compression_level)
+        return c
+
+    def _known_chunks(self, job: str, limit: int = 3) -> dict[str, int]:
+        """Chunks of the job's newest good manifests: reused without a HEAD each."""
+        cids, bad = self._scan(job)
+        known: dict[str, int] = {}
+        for cid in [c for c in cids if c not in bad][:limit]:
+            try:
+                _, files = self._read_manifest(job, cid)
+            except (_NotFound, CheckpointUnusable):
+                continue
+            for f in files:
+                known.update((sha, stored) for sha, _raw, stored in f.chunks)
+        return known
+
+    def save(
+        self,
+        job_id: str,
+        src_dir: str | os.PathLike[str],
+        meta: dict[str, Any],
+        done: threading.Event | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> CheckpointInfo:
+        """Store the regular files under src_dir as a new checkpoint; the manifest goes last.
+
+        With ``done``, files may still be growing (append-only, as CRIU writes them): full chunks
+        are stored as they appear and the tails once ``done`` is set, so dump and upload overlap.
+        ``progress`` gets the running total of raw bytes processed. Symlinks, special files and
+        empty directories are not stored. Nothing else is changed (no retention).
+        """
+        job = validate_job_id(job_id)
+        if not isinstance(meta, dict):
+            raise StoreError(f"meta must be a dict, not {type(meta).__name__}")
+        _json_bytes(meta)  # fail before writing anything
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise StoreError(f"cannot save {src}: not a directory")
+        started = self._clock()
+        t0 = time.monotonic()
+        cid = _new_checkpoint_id(started)
+        known = self._known_chunks(job)
+        marker = {"created": started, "host": socket.gethostname(), "pid": os.getpid()}
+        self._backend.put(_inflight_key(job, cid), _json_bytes(marker))
+        _fault("inflight_written")
+        try:
+            ctx, files = self._save_tree(src, known, done, _Progress(progress))
+            doc = {
+                "format": FORMAT,
+                "job_id": job,
+                "checkpoint_id": cid,
+                "created": started,
+                "chunk_size": self.chunk_size,
+                "compression": "zstd",
+                "size": sum(f.offset for f in files),
+                "stored": ctx.stored,
+                "meta": meta,
+                "files": [
+                    {
+                        "name": f.name,
+                        "size": f.offset,
+                        "mode": f.mode,
+                        "chunks": [[sha, raw, ctx.sizes[sha]] for sha, raw in f.chunks],
+                    }
+                    for f in files
+                ],
+            }
+            _fault("before_manifest")
+            self._backend.put(_manifest_key(job, cid), _encode_manifest(doc), bulk=True)
+            _fault("manifest_written")
+        except BaseException as e:
+            try:
+                self._backend.delete([_inflight_key(job, cid)])
+            except StoreError as e2:
+                log.warning("could not remove in-flight marker of %s/%s: %s", job, cid, e2)
+            if isinstance(e, Exception) and not isinstance(e, StoreError):
+                raise StoreError(f"saving checkpoint {job}/{cid} failed: {type(e).__name__}: {e}") from e
+            raise
+        try:
+            self._backend.delete([_inflight_key(job, cid)])
+        except StoreError as e:  # the checkpoint is complete; the marker only delays gc
+            log.warning("checkpoint %s/%s saved, but its in-flight marker stays: %s", job, cid, e)
+        info = self._info(job, cid, doc, "good")
+        log.info(
+            "saved checkpoint %s/%s: %d files, %d bytes, %d bytes written in %d new chunks, %.1fs",
+            job, cid, len(files), info.size, info.stored, ctx.written, time.monotonic() - t0,
+        )  # fmt: skip
+        return info
+
+    def _walk(self, src: Path) -> list[tuple[str, str]]:
+        """(name, path) of the regular files under src, sorted; others skipped with a warning."""
+        out = []
+        for dirpath, dirs, files in os.walk(src):
+            dirs.sort()
+            for fname in files:
+                path = os.path.join(dirpath, fname)
+                name = Path(path).relative_to(src).as_posix()
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    log.warning("not saving %s: not a regular file", path)
+                    continue
+                try:
+                    _check_name(name)
+                except CheckpointUnusable as e:
+                    raise StoreError(f"cannot save {path}: {e}") from None
+                out.append((name, path))
+        return sorted(out)
+
+    def _save_tree(
+        self, src: Path, known: dict[str, int], done: threading.Event | None, progress: _Progress
+    ) -> tuple[_Save, list[_SrcFile]]:
+        """Read the tree in chunk-size pieces, re-scanning until done; workers do the rest."""
+        state: dict[str, _SrcFile] = {}
+        with (
+            self._backend.transfers() as transfers,
+            cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="mmshim-store-cpu") as cpu,
+        ):
+            ctx = _Save(transfers, known, 2 * self.concurrency, progress)
+            try:
+                while ctx.pipe.error is None:
+                    final = done is None or done.is_set()  # read before the pass: it sees final sizes
+                    self._save_pass(src, state, final, ctx, cpu)
+                    if final:
+                        break
+                    done.wait(POLL_SECONDS)  # type: ignore[union-attr]
+            except BaseException as e:
+                ctx.pipe.error = ctx.pipe.error or e
+            ctx.pipe.join()
+        return ctx, [state[n] for n in sorted(state)]
+
+    def _save_pass(
+        self, src: Path, state: dict[str, _SrcFile], final: bool, ctx: _Save, cpu: cf.Executor
+    ) -> None:
+        seen = set()
+        for name, path in self._walk(src):
+            seen.add(name)
+            f = state.setdefault(name, _SrcFile(name))
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                seen.discard(name)
+                continue
+            except OSError as e:
+                raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
+            try:
+                st = os.fstat(fd)
+                f.mode = stat.S_IMODE(st.st_mode) & MODE_MASK
+                if st.st_size < f.offset:
+                    raise StoreError(f"{path} shrank while it was being saved (files must only grow)")
+                end = (
+                    st.st_size
+                    if final
+                    else f.offset + (st.st_size - f.offset) // self.chunk_size * self.chunk_size
+                )
+                while f.offset < end:
+                    n = min(self.chunk_size, end - f.offset)
+                    if not ctx.pipe.start():
+                        return
+                    try:
+                        raw = _pread_full(fd, n, f.offset, path)
+                        entry: list[Any] = [None, n]
+                        f.chunks.append(entry)
+                        cpu.submit(self._save_chunk, ctx, entry, raw)
+                    except BaseException as e:
+                        ctx.pipe.finish(e)
+                        raise
+                    f.offset += n
+            finally:
+                os.close(fd)
+        if final:
+            gone = [n for n in state if n not in seen]
+            if gone:
+                raise StoreError(f"{', '.join(gone)} disappeared from {src} while it was being saved")
+
+    def _save_chunk(self, ctx: _Save, entry: list[Any], raw: bytes) -> None:
+        """Hash, dedup, compress, upload one chunk (worker thread); finishes its pipeline slot."""
+        try:
+            sha = hashlib.sha256(raw).hexdigest()
+            entry[0] = sha
+            if ctx.claim(sha):
+                key = _chunk_key(sha)
+                obj = self._backend.head(key)
+                if obj is not None and self._clock() - obj.mtime < self.grace_seconds / 2:
+                    ctx.sizes[sha] = obj.size  # young enough that no gc can delete it now
+                else:
+                    data = self._compressor().compress(raw)
+                    ctx.sizes[sha] = len(data)
+                    fut = ctx.transfers.put(key, data)
+                    fut.add_done_callback(functools.partial(self._chunk_written, ctx, len(raw), len(data)))
+                    return
+            ctx.progress.add(len(raw))
+            ctx.pipe.finish()
+        except BaseException as e:
+            ctx.pipe.finish(e)
+
+    def _chunk_written(self, ctx: _Save, raw_len: int, stored: int, fut: cf.Future[None]) -> None:
+        error = fut.exception()
+        if error is None:
+            with ctx.lock:
+                ctx.stored += stored
+                ctx.written += 1
+                count = ctx.written
+            try:
+                _fault("chunk_written", count=count)
+                ctx.progress.add(raw_len)
+            except BaseException as e:
+                error = e
+        ctx.pipe.finish(error)
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        job_id: str,
+        checkpoint_id: str,
+        dest_dir: str | os.PathLike[str],
+        progress: Callable[[int], None] | None = None,
+    ) -> CheckpointInfo:
+        """Write the checkpoint's files into dest_dir, verifying every chunk.
+
+        On any failure the files this call wrote (created or overwrote) are removed again. A
+        damaged checkpoint is marked bad and CheckpointUnusable raised. Other failures (S3
+        unreachable) raise StoreError and mark nothing: the checkpoint may be fine.
+        """
+        job = validate_job_id(job_id)
+        cid = _check_checkpoint_id(checkpoint_id)
+        return self._fetch(job, cid, dest_dir, progress, check_bad=True)
+
+    def _fetch(
+        self,
+        job: str,
+        cid: str,
+        dest_dir: str | os.PathLike[str],
+        progress: Callable[[int], None] | None,
+        check_bad: bool,
+    ) -> CheckpointInfo:
+        where = f"{job}/{cid}"
+        if check_bad:
+            try:
+                marker = self._backend.get(_bad_key(job, cid))
+            except _NotFound:
+                pass
+            else:
+                raise CheckpointUnusable(f"checkpoint {where} is marked bad: {_reason(marker)}")
+        try:
+            doc, files = self._read_manifest(job, cid)
+        except _NotFound:
+            raise CheckpointUnusable(f"checkpoint {where} does not exist") from None
+        except CheckpointUnusable as e:
+            self._mark_bad(job, cid, str(e))
+            raise
+        writer = _TreeWriter(dest_dir)
+        try:
+            self._fetch_files(files, writer, _Progress(progress), where)
+            for f, fd in zip(files, writer.fds, strict=True):
+                os.fchmod(fd, f.mode)
+        except CheckpointUnusable as e:
+            writer.rollback()
+            self._mark_bad(job, cid, str(e))
+            raise
+        except OSError as e:
+            writer.rollback()
+            raise StoreError(f"cannot restore checkpoint {where} into {writer.root}: {e}") from e
+        except BaseException:
+            writer.rollback()
+            raise
+        finally:
+            writer.close()
+        log.info(
+            "fetched checkpoint %s into %s (%d files, %s bytes)", where, writer.root, len(files), doc["size"]
+        )
+        return self._info(job, cid, doc, "good")
+
+    def _fetch_files(
+        self, files: list[_FileEntry], writer: _TreeWriter, progress: _Progress, where: str
+    ) -> None:
+        # Each distinct chunk is downloaded once and written wherever it occurs (zero pages...).
+        wanted: dict[str, tuple[int, int, list[tuple[int, int]]]] = {}
+        for f in files:
+            fd = writer.create(f.name, f.size)
+            offset = 0
+            for sha, raw, stored in f.chunks:
+                wanted.setdefault(sha, (raw, stored, []))[2].append((fd, offset))
+                offset += raw
+        with (
+            self._backend.transfers() as transfers,
+            cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="mmshim-store-cpu") as cpu,
+        ):
+            pipe = _Pipeline(2 * self.concurrency)
+            for sha, (raw, stored, targets) in wanted.items():
+                if not pipe.start():
+                    break
+                try:
+                    fut = transfers.get(_chunk_key(sha), stored)
+                    fut.add_done_callback(
+                        functools.partial(self._chunk_fetched, cpu, pipe, progress, where, sha, raw, targets)
+                    )
+                except BaseException as e:
+                    pipe.finish(e)
+                    break
+            pipe.join()
+
+    def _chunk_fetched(self, cpu: cf.Executor, pipe: _Pipeline, *args: Any) -> None:
+        """Hand a downloaded chunk to a CPU worker (runs in the transfer thread)."""
+        try:
+            cpu.submit(self._verify_chunk, pipe, *args)
+        except BaseException as e:
+            pipe.finish(e)
+
+    def _verify_chunk(
+        self,
+        pipe: _Pipeline,
+        progress: _Progress,
+        where: str,
+        sha: str,
+        raw_len: int,
+        targets: list[tuple[int, int]],
+        fut: cf.Future[bytes],
+    ) -> None:
+        try:
+            try:
+                data = fut.result()
+            except _NotFound:
+                raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+            try:
+                if zstandard.frame_content_size(data) != raw_len:
+                    raise zstandard.ZstdError("wrong content size")
+                raw = zstandard.ZstdDecompressor().decompress(data)
+            except zstandard.ZstdError as e:
+                raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
+            if len(raw) != raw_len or hashlib.sha256(raw).hexdigest() != sha:
+                raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
+            for fd, offset in targets:
+                _pwrite_all(fd, raw, offset)
+                progress.add(raw_len)
+            pipe.finish()
+        except OSError as e:
+            pipe.finish(StoreError(f"cannot write restored files: {e.strerror or e}"))
+        except BaseException as e:
+            pipe.finish(e)
+
+    def fetch_latest(self, job_id: str, dest_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
+        """Fetch the newest good checkpoint, falling back past damaged ones; None if none is left.
+
+        StoreError other than CheckpointUnusable (the store is unreachable) propagates: starting
+        afresh then would throw work away.
+        """
+        job = validate_job_id(job_id)
+        cids, bad = self._scan(job)
+        for cid in cids:
+            if cid in bad:
+                continue
+            try:
+                return self._fetch(job, cid, dest_dir, None, check_bad=False)
+            except CheckpointUnusable as e:
+                log.warning("checkpoint %s/%s unusable, trying the previous one: %s", job, cid, e)
+        return None
+
+    # -- deleting ------------------------------------------------------------------------------
+
+    def delete(self, job_id: str, checkpoint_id: str | None = None) -> None:
+        """Delete one checkpoint's manifest (and markers), or everything of a job.
+
+        Chunks are shared and left to gc.
+        """
+        job = validate_job_id(job_id)
+        if checkpoint_id is not None:
+            cid = _check_checkpoint_id(checkpoint_id)
+            self._backend.delete([_manifest_key(job, cid), _bad_key(job, cid), _inflight_key(job, cid)])
+            return
+        self._backend.delete([o.key for o in self._backend.list(_job_prefix(job))])
+
+    def retain(self, job_id: str, keep: int = 2) -> list[str]:
+        """Delete every manifest older than the newest `keep` good ones; returns the deleted ids.
+
+        Good means not marked bad and a manifest that verifies (damaged ones get marked bad here).
+        Bad checkpoints newer than the kept ones stay, for diagnosis.
+        """
+        job = validate_job_id(job_id)
+        if keep < 1:
+            raise StoreError(f"retain needs keep >= 1 (got {keep}); use delete() to remove a job")
+        cids, bad = self._scan(job)
+        good = 0
+        doomed: list[str] = []
+        for cid in cids:
+            if good >= keep:
+                doomed.append(cid)
+            elif cid not in bad:
+                try:
+                    self._read_manifest(job, cid)
+                    good += 1
+                except _NotFound:
+                    continue
+                except CheckpointUnusable as e:
+                    self._mark_bad(job, cid, str(e))
+        if doomed:
+            self._backend.delete([k for cid in doomed for k in (_manifest_key(job, cid), _bad_key(job, cid))])
+            log.info("retention for %s (keep %d): deleted %s", job, keep, ", ".join(doomed))
+        return doomed
+
+    def gc(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> dict[str, Any]:
+        """Delete chunks that no manifest references and that are older than grace_seconds.
+
+        Does nothing while any save is in flight (marker younger than the grace period). Stale
+        markers and temp files of crashed saves are removed too. grace_seconds must exceed the
+        longest save.
+        """
+        now = self._clock()
+        result: dict[str, Any] = {
+            "in_flight": [],
+            "chunks": 0,
+            "referenced": 0,
+            "young": 0,
+            "deleted": 0,
+            "deleted_bytes": 0,
+            "stale_markers": 0,
+            "temp_files": 0,
+        }
+        manifests, fresh, stale = self._gc_survey(now, grace_seconds)
+        if fresh:
+            result["in_flight"] = fresh
+            log.info("gc: saves in flight (%s), deleting nothing", ", ".join(fresh))
+            return result
+        referenced: set[str] = set()
+        self._gc_references(manifests, referenced)
+        candidates: list[_Obj] = []
+        for obj in self._backend.list("chunks/"):
+            sha = obj.key.rsplit("/", 1)[-1]
+            if not _SHA_RE.fullmatch(sha):
+                continue
+            result["chunks"] += 1
+            if sha in referenced:
+                result["referenced"] += 1
+            elif now - obj.mtime < grace_seconds:
+                result["young"] += 1
+            else:
+                candidates.append(obj)
+        # Look again right before deleting: a save may have started, or finished, meanwhile.
+        manifests2, fresh, _ = self._gc_survey(now, grace_seconds)
+        if fresh:
+            result["in_flight"] = fresh
+            log.info("gc: a save started meanwhile (%s), deleting nothing", ", ".join(fresh))
+            return result
+        self._gc_references(manifests2 - manifests, referenced)
+        doomed = [o for o in candidates if o.key.rsplit("/", 1)[-1] not in referenced]
+        self._backend.delete([o.key for o in doomed] + stale)
+        result["deleted"] = len(doomed)
+        result["deleted_bytes"] = sum(o.size for o in doomed)
+        result["stale_markers"] = len(stale)
+        result["temp_files"] = self._backend.sweep(now - grace_seconds)
+        log.info("gc: %s", result)
+        return result
+
+    def _gc_survey(self, now: float, grace: float) -> tuple[set[str], list[str], list[str]]:
+        """Manifest keys, fresh in-flight saves ("job/cid") and stale marker keys of all jobs."""
+        manifests: set[str] = set()
+        fresh: list[str] = []
+        stale: list[str] = []
+        for obj in self._backend.list("jobs/"):
+            parts = obj.key.split("/")
+            if len(parts) != 4:
+                continue
+            _, job, kind, name = parts
+            if kind == "checkpoints" and name.endswith(".json"):
+                manifests.add(obj.key)
+            elif kind == "inflight":
+                started = obj.mtime
+                try:
+                    started = max(started, float(json.loads(self._backend.get(obj.key))["created"]))
+                except _NotFound:
+                    continue  # the save just finished
+                except (ValueError, KeyError, TypeError):
+                    pass
+                if now - started < grace:
+                    fresh.append(f"{job}/{name}")
+                else:
+                    stale.append(obj.key)
+        return manifests, fresh, stale
+
+    def _gc_references(self, manifest_keys: Iterable[str], referenced: set[str]) -> None:
+        for key in sorted(manifest_keys):
+            _, job, _, name = key.split("/")
+            try:
+                _, files = self._read_manifest(job, name[:-5])
+            except _NotFound:
+                continue
+            except CheckpointUnusable as e:  # unrestorable anyway: its chunks may go
+                log.warning("gc: ignoring damaged manifest %s: %s", key, e)
+                continue
+            for f in files:
+                referenced.update(sha for sha, _, _ in f.chunks)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def put_event(self, job_id: str, event: dict[str, Any]) -> None:
+        """Store a small JSON document in the job's history."""
+        job = validate_job_id(job_id)
+        if not isinstance(event, dict):
+            raise StoreError(f"event must be a dict, not {type(event).__name__}")
+        data = _json_bytes(event)
+        self._backend.put(f"jobs/{job}/events/{_new_event_id(self._clock())}.json", data)
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's events in time order (unreadable ones skipped with a warning)."""
+        job = validate_job_id(job_id)
+        out = []
+        for obj in self._backend.list(f"jobs/{job}/events/"):
+            if not _EVENT_RE.fullmatch(obj.key.rsplit("/", 1)[-1]):
+                continue
+            try:
+                doc = json.loads(self._backend.get(obj.key))
+            except _NotFound:
+                continue
+            except ValueError as e:
+                log.warning("skipping unreadable event %s: %s", obj.key, e)
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+
+
+_S3_OPTIONS = ("endpoint_url", "region", "profile", "sse", "kms_key_id", "storage_class")
+_OPTIONS = frozenset(
+    (
+        *_S3_OPTIONS,
+        "chunk_size",
+        "concurrency",
+        "compression_level",
+        "grace_seconds",
+        "max_attempts",
+        "connect_timeout",
+        "read_timeout",
+    )
+)
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """Open the store at ``file:///abs/path`` (or a bare absolute path) or ``s3://bucket/prefix``.
+
+    Options (None means default): chunk_size (bytes, multiple of 4096, default 4 MiB),
+    concurrency (transfers in flight, default 8), compression_level (zstd 1-3, default 1),
+    grace_seconds (the gc grace the repository runs with, default 6 h); for S3 also endpoint_url,
+    region, profile, sse ("AES256" | "aws:kms"), kms_key_id, storage_class, max_attempts
+    (botocore retries, default 5), connect_timeout and read_timeout (seconds). S3-only options
+    are ignored by a file store, so one configuration serves both.
+    """
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise StoreError(f"unknown store option(s): {', '.join(sorted(unknown))}")
+    opts = {k: v for k, v in options.items() if v is not None}
+    chunk_size = int(opts.get("chunk_size", DEFAULT_CHUNK_SIZE))
+    if chunk_size < 4096 or chunk_size % 4096 or chunk_size > 256 * MiB:
+        raise StoreError(f"chunk_size {chunk_size} must be a multiple of 4096 between 4 KiB and 256 MiB")
+    concurrency = int(opts.get("concurrency", DEFAULT_CONCURRENCY))
+    if not 1 <= concurrency <= 256:
+        raise StoreError(f"concurrency {concurrency} must be between 1 and 256")
+    level = int(opts.get("compression_level", DEFAULT_COMPRESSION_LEVEL))
+    if not 1 <= level <= 19:
+        raise StoreError(f"compression_level {level} must be between 1 and 19 (1-3 recommended)")
+    store_opts = {
+        "chunk_size": chunk_size,
+        "concurrency": concurrency,
+        "compression_level": level,
+        "grace_seconds": float(opts.get("grace_seconds", DEFAULT_GRACE_SECONDS)),
+    }
+    if not isinstance(url, str):
+        raise StoreError(f"store URL must be a string, not {type(url).__name__}")
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        bucket = parsed.netloc
+        if not bucket:
+            raise StoreError(f"store URL {url!r} has no bucket (expected s3://bucket/prefix)")
+        prefix = parsed.path.strip("/")
+        if any(p in (".", "..") for p in prefix.split("/")) or "//" in prefix:
+            raise StoreError(f"store URL {url!r} has an unsafe prefix")
+        sse = opts.get("sse")
+        if sse not in (None, "AES256", "aws:kms"):
+            raise StoreError(f"sse must be 'AES256' or 'aws:kms', not {sse!r}")
+        if opts.get("kms_key_id") and sse != "aws:kms":
+            raise StoreError("kms_key_id needs sse='aws:kms'")
+        backend: _Backend = _S3Backend(
+            bucket,
+            prefix + "/" if prefix else "",
+            endpoint_url=opts.get("endpoint_url"),
+            region=opts.get("region"),
+            profile=opts.get("profile"),
+            sse=sse,
+            kms_key_id=opts.get("kms_key_id"),
+            storage_class=opts.get("storage_class"),
+            concurrency=concurrency,
+            chunk_size=chunk_size,
+            max_attempts=int(opts.get("max_attempts", 5)),
+            connect_timeout=float(opts.get("connect_timeout", 10)),
+            read_timeout=float(opts.get("read_timeout", 60)),
+        )
+    elif parsed.scheme == "file" or (not parsed.scheme and url.startswith("/")):
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"store URL {url!r}: use file:///absolute/path")
+        path = unquote(parsed.path) if parsed.scheme else url
+        if not path.startswith("/"):
+            raise StoreError(f"store URL {url!r} needs an absolute path (file:///absolute/path)")
+        backend = _FileBackend(Path(os.path.normpath(path)), concurrency)
+    else:
+        raise StoreError(f"unsupported store URL {url!r}: use file:///absolute/path or s3://bucket/prefix")
+    return Store(backend, **store_opts)

@@ -1,0 +1,525 @@
+"""mmshim.layer against real overlay and tmpfs mounts, and against hand-built hostile archives.
+
+Needs root (mount, chown, mknod). Test data stays small: the one big file is sparse.
+"""
+
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mmshim import layer
+from mmshim.layer import LayerError, TooLarge
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, chown, mknod")
+
+MiB = 1 << 20
+SPARSE_SIZE = 32 * MiB
+BADNAME = b"bin\xff\xfe.dat"  # not UTF-8
+LONGNAME = "n" * 120 + ".txt"
+LONGTARGET = "/" + "t" * 150
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+def _umount(path: Path) -> None:
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    """Mount points to unmount, last first, whatever the test's outcome."""
+    points: list[Path] = []
+    yield points
+    for point in reversed(points):
+        _umount(point)
+
+
+def _write(path: Path, data: bytes | str, mode: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        path.chmod(mode)
+
+
+def _overlay(tmp: Path, mounts: list[Path], extra: str = "", suffix: str = "") -> tuple[Path, Path, Path]:
+    lower = tmp / "lower"
+    upper, work, merged = (tmp / (n + suffix) for n in ("upper", "work", "merged"))
+    for d in (upper, work, merged):
+        d.mkdir()
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}" + extra
+    _mount("-t", "overlay", "overlay", "-o", opts, str(merged))
+    mounts.append(merged)
+    return lower, upper, merged
+
+
+def _populate_lower(lower: Path) -> None:
+    _write(lower / "a.txt", "lower a\n")
+    _write(lower / "keep.txt", "keep\n")
+    _write(lower / "chm.txt", "chmod me\n", 0o644)
+    _write(lower / "d/x", "x\n")
+    _write(lower / "d/y", "y\n")
+    _write(lower / "gone/z", "z\n")
+    _write(lower / "gone/sub/w", "w\n")
+    _write(lower / "olddir/o1", "o1\n")
+    _write(lower / "olddir/o2", "o2\n")
+    _write(lower / "df/q", "q\n")
+    _write(lower / "bin/tool", "#!/bin/sh\n", 0o755)
+    _write(lower / "xa.txt", "xattrs\n")
+    os.setxattr(lower / "xa.txt", "user.lower", b"from-image")
+    _write(lower / "deep/a/b/c/file", "deep\n")
+    (lower / "lowlink").symlink_to("keep.txt")
+    (lower / "lowlink2").symlink_to("keep.txt")
+    (lower / "ld").symlink_to("d")
+
+
+def _change_merged(m: Path) -> None:
+    """Every kind of change a container makes, done through the overlay as the container would."""
+    _write(m / "new.txt", "brand new\n")
+    with open(m / "a.txt", "a") as f:
+        f.write("appended\n")
+    os.chown(m / "chm.txt", 1234, 5678)
+    os.chmod(m / "chm.txt", 0o600)
+    os.chmod(m / "bin/tool", 0o4755)
+    (m / "d/x").unlink()  # whiteout
+    subprocess.run(["rm", "-rf", str(m / "gone")], check=True)  # whiteout of a directory
+    subprocess.run(["rm", "-rf", str(m / "olddir")], check=True)
+    (m / "olddir").mkdir()  # opaque
+    _write(m / "olddir/n", "new in opaque\n")
+    (m / "ld").unlink()  # lower symlink replaced by a directory
+    _write(m / "ld/f", "was a symlink\n")
+    subprocess.run(["rm", "-rf", str(m / "df")], check=True)  # lower directory replaced by a file
+    _write(m / "df", "was a dir\n")
+    (m / "lowlink2").unlink()
+    _write(m / "lowlink2", "was a symlink\n")
+    (m / "s").symlink_to("/etc/hostname")
+    (m / "r").symlink_to("a.txt")
+    (m / "longlink").symlink_to(LONGTARGET)
+    _write(m / "h1", "hard\n")
+    (m / "sub").mkdir()
+    os.link(m / "h1", m / "sub/h2")
+    os.link(m / "keep.txt", m / "keep-link")  # a hard link to an image file: copied up, then linked
+    with open(m / "sparse.bin", "wb") as f:
+        f.write(b"head")
+        f.seek(16 * MiB)
+        f.write(b"middle")
+        f.truncate(SPARSE_SIZE)  # ends in a hole
+    os.setxattr(m / "new.txt", "user.test", b"v\x00\xff")
+    os.setxattr(m / "xa.txt", "user.test", b"on a copied-up file")
+    os.setxattr(m / "new.txt", "security.mmshim", b"label")
+    (m / "newdir/emptydir").mkdir(parents=True)
+    os.setxattr(m / "newdir", "user.dir", b"dir xattr")
+    os.mkfifo(m / "fifo", 0o640)
+    os.mknod(m / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (m / "tmp").mkdir()
+    os.chmod(m / "tmp", 0o1777)
+    _write(m / LONGNAME, "long name\n")
+    _write(Path(os.fsdecode(bytes(m) + b"/" + BADNAME)), "bad name\n")
+    _write(m / "empty", b"")
+    os.utime(m / "new.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+
+
+def _snapshot(root: Path) -> tuple[dict[bytes, tuple], set[frozenset[bytes]]]:
+    """Everything restore must reproduce: per path, type/mode/owner/size/mtime/content/xattrs; and
+    which paths share an inode."""
+    entries: dict[bytes, tuple] = {}
+    inodes: dict[tuple[int, int], set[bytes]] = {}
+
+    def visit(path: bytes, rel: bytes) -> None:
+        st = os.lstat(path)
+        mode = st.st_mode
+        xattrs = {}
+        if not stat.S_ISLNK(mode):
+            xattrs = {
+                n: os.getxattr(path, n)
+                for n in os.listxattr(path)
+                if n.startswith(("user.", "security.")) and not n.startswith("user.overlay.")
+            }
+        if stat.S_ISREG(mode):
+            with open(path, "rb") as f:
+                detail: object = hashlib.sha256(f.read()).hexdigest()
+        elif stat.S_ISLNK(mode):
+            detail = os.readlink(path)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            detail = st.st_rdev
+        else:
+            detail = None
+        size = st.st_size if not stat.S_ISDIR(mode) else 0
+        entries[rel] = (
+            stat.S_IFMT(mode),
+            stat.S_IMODE(mode),
+            st.st_uid,
+            st.st_gid,
+            size,
+            st.st_mtime_ns,
+            detail,
+            xattrs,
+        )
+        if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+            inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
+        if stat.S_ISDIR(mode):
+            for name in sorted(os.listdir(path)):
+                visit(path + b"/" + name, rel + b"/" + name if rel else name)
+
+    visit(os.fsencode(root), b"")
+    return entries, {frozenset(v) for v in inodes.values() if len(v) > 1}
+
+
+def _names(tar: Path) -> list[str]:
+    with tarfile.open(tar) as tf:
+        return tf.getnames()
+
+
+def _fresh_copy(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+
+
+@pytest.mark.parametrize("target", ["copy", "overlay"])
+def test_diff_round_trip_reproduces_the_merged_view(tmp_path: Path, mounts: list[Path], target: str) -> None:
+    """Onto a copy of the image directory, and onto a new container's overlay of the same image."""
+    _populate_lower(tmp_path / "lower")
+    lower, upper, merged = _overlay(tmp_path, mounts)
+    _change_merged(merged)
+    tar = tmp_path / "diff.tar"
+
+    stats = layer.capture_diff(str(upper), str(tar))
+
+    names = _names(tar)
+    assert "d/.wh.x" in names and ".wh.gone" in names
+    assert "olddir/.wh..wh..opq" in names and "ld/.wh..wh..opq" in names
+    assert names.index("olddir/.wh..wh..opq") < names.index("olddir/n")
+    assert "keep.txt" in names and "deep/a/b/c/file" not in names  # only what the upper holds
+    assert stats["deletions"] == 4
+    assert tar.stat().st_size < 1 * MiB  # the 32 MiB sparse file did not inflate the diff
+
+    if target == "copy":
+        rootfs = tmp_path / "rootfs"
+        _fresh_copy(lower, rootfs)
+    else:
+        _, _, rootfs = _overlay(tmp_path, mounts, suffix="2")
+    applied = layer.apply_diff(str(tar), str(rootfs))
+
+    assert applied["deletions"] == 4 and applied["xattrs_skipped"] == 0
+    want_entries, want_links = _snapshot(merged)
+    got_entries, got_links = _snapshot(rootfs)
+    assert got_entries.keys() == want_entries.keys()
+    for path, want in want_entries.items():
+        assert got_entries[path] == want, path
+    assert got_links == want_links
+    assert {frozenset({b"h1", b"sub/h2"}), frozenset({b"keep.txt", b"keep-link"})} <= got_links
+    assert os.stat(rootfs / "sparse.bin").st_blocks * 512 < 1 * MiB
+    assert stat.S_IMODE(os.stat(rootfs / "bin/tool").st_mode) == 0o4755
+
+
+def test_apply_diff_twice_is_idempotent(tmp_path: Path, mounts: list[Path]) -> None:
+    _populate_lower(tmp_path / "lower")
+    lower, upper, merged = _overlay(tmp_path, mounts)
+    _change_merged(merged)
+    tar = tmp_path / "diff.tar"
+    layer.capture_diff(str(upper), str(tar))
+    rootfs = tmp_path / "rootfs"
+    _fresh_copy(lower, rootfs)
+    layer.apply_diff(str(tar), str(rootfs))
+    layer.apply_diff(str(tar), str(rootfs))
+    assert _snapshot(rootfs) == _snapshot(merged)
+
+
+def test_upperdir_of_finds_the_overlay(tmp_path: Path, mounts: list[Path]) -> None:
+    (tmp_path / "lower").mkdir()
+    lower, upper, merged = _overlay(tmp_path, mounts)
+    assert layer.upperdir_of(str(merged)) == str(upper)
+    assert layer.upperdir_of(str(merged) + "/") == str(upper)
+    assert layer.upperdir_of(str(lower)) is None
+
+
+def test_huge_sparse_file(tmp_path: Path) -> None:
+    """Apparent size past the 8 GiB ustar limit, a few KiB of data: stays sparse both ways."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    size = 9 << 30
+    with open(src / "huge", "wb") as f:
+        f.write(b"start")
+        f.seek(8 << 30)
+        f.write(b"past 8 GiB")
+        f.truncate(size)
+    tar = tmp_path / "t.tar"
+    layer.capture_tree(str(src), str(tar))
+    assert tar.stat().st_size < 64 * 1024
+    layer.apply_tree(str(tar), str(dst))
+    st = os.stat(dst / "huge")
+    assert st.st_size == size and st.st_blocks * 512 <= 64 * 1024
+    with open(dst / "huge", "rb") as f:
+        assert f.read(5) == b"start"
+        f.seek(8 << 30)
+        assert f.read(10) == b"past 8 GiB"
+        f.seek(1 << 30)
+        assert f.read(4096) == bytes(4096)
+
+
+def test_octal_fields_overflow_to_base256() -> None:
+    assert tarfile.nti(layer._octal(0o755, 8)) == 0o755
+    assert tarfile.nti(layer._octal(9 << 30, 12)) == 9 << 30  # a size GNU tar and tarfile both read
+
+
+def test_upperdir_of_unescapes_mountinfo(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / /run rw - tmpfs tmpfs rw\n"
+        "40 22 0:50 / /run/my\\040root rw,relatime shared:5 - overlay overlay "
+        "rw,lowerdir=/l\\054x:/l2,upperdir=/var/up\\054per\\040dir,workdir=/var/w\n"
+        "41 22 0:51 / /run/plain rw - overlay overlay rw,lowerdir=/a:/b\n"
+    )
+    assert layer.upperdir_of("/run/my root", mountinfo=str(info)) == "/var/up,per dir"
+    assert layer.upperdir_of("/run/plain", mountinfo=str(info)) is None  # read-only overlay
+    assert layer.upperdir_of("/run", mountinfo=str(info)) is None
+
+
+def test_metacopy_upper_is_refused(tmp_path: Path, mounts: list[Path]) -> None:
+    _write(tmp_path / "lower/f", "data\n")
+    try:
+        _, upper, merged = _overlay(tmp_path, mounts, ",metacopy=on")
+    except subprocess.CalledProcessError:
+        pytest.skip("kernel without overlay metacopy")
+    os.chmod(merged / "f", 0o600)
+    with pytest.raises(LayerError, match="metacopy"):
+        layer.capture_diff(str(upper), str(tmp_path / "d.tar"))
+    assert not (tmp_path / "d.tar").exists()
+
+
+def _fill_shm(shm: Path) -> None:
+    os.chmod(shm, 0o1777)
+    _write(shm / "sem.x", b"\x01" * 4096, 0o600)
+    os.chown(shm / "sem.x", 1000, 1000)
+    with open(shm / "big-sparse", "wb") as f:
+        f.seek(8 * MiB)
+        f.write(b"tail")
+    _write(shm / "sub/deeper/f", "f\n")
+    os.link(shm / "sub/deeper/f", shm / "f-link")
+    (shm / "sym").symlink_to("sub/deeper/f")
+    os.mkfifo(shm / "fifo")
+    os.setxattr(shm / "sem.x", "user.k", b"v")
+
+
+def test_tree_round_trip_tmpfs(tmp_path: Path, mounts: list[Path]) -> None:
+    src, dst = tmp_path / "shm", tmp_path / "shm2"
+    for d in (src, dst):
+        d.mkdir()
+        _mount("-t", "tmpfs", "-o", "size=32m", "tmpfs", str(d))
+        mounts.append(d)
+    _fill_shm(src)
+    tar = tmp_path / "shm.tar"
+
+    stats = layer.capture_tree(str(src), str(tar))
+    assert stats["files"] == 9 and stats["deletions"] == 0
+    assert tar.stat().st_size < 64 * 1024
+
+    layer.apply_tree(str(tar), str(dst))
+    assert _snapshot(dst) == _snapshot(src)
+    assert os.stat(dst / "big-sparse").st_blocks * 512 <= 64 * 1024
+
+
+def test_tree_keeps_or_clears_existing(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _write(src / "a", "a\n")
+    _write(dst / "stale", "old\n")
+    _write(dst / "a", "to be replaced\n")
+    tar = tmp_path / "t.tar"
+    layer.capture_tree(str(src), str(tar))
+    layer.apply_tree(str(tar), str(dst))
+    assert sorted(os.listdir(dst)) == ["a", "stale"] and (dst / "a").read_text() == "a\n"
+    layer.apply_tree(str(tar), str(dst), clear=True)
+    assert _snapshot(dst) == _snapshot(src)
+
+
+def test_capture_tree_does_not_descend_into_mounts(tmp_path: Path, mounts: list[Path]) -> None:
+    src = tmp_path / "src"
+    _write(src / "top", "t\n")
+    (src / "mnt").mkdir()
+    _mount("-t", "tmpfs", "tmpfs", str(src / "mnt"))
+    mounts.append(src / "mnt")
+    _write(src / "mnt/inside", "i\n")
+    layer.capture_tree(str(src), str(tmp_path / "t.tar"))
+    assert sorted(_names(tmp_path / "t.tar")) == [".", "mnt", "top"]
+
+
+@pytest.mark.parametrize("diff", [False, True])
+def test_too_large_leaves_nothing(tmp_path: Path, diff: bool) -> None:
+    src = tmp_path / "src"
+    _write(src / "small", "s\n")
+    _write(src / "big", os.urandom(64 * 1024))
+    out = tmp_path / "out" / "layer.tar"
+    out.parent.mkdir()
+    capture = layer.capture_diff if diff else layer.capture_tree
+    with pytest.raises(TooLarge, match="exceeds the limit of 40000 bytes"):
+        capture(str(src), str(out), max_bytes=40_000)
+    assert os.listdir(out.parent) == []
+    stats = capture(str(src), str(out), max_bytes=80_000)
+    assert stats["tar_bytes"] == out.stat().st_size <= 80_000
+
+
+# ------------------------------------------------------------------------------- hostile archives
+
+Entry = tuple[str, bytes, str | bytes]  # (name, tar type, data or link target)
+
+
+def _hostile_tar(path: Path, entries: list[Entry]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            data = None
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = str(payload)
+            elif kind == tarfile.REGTYPE:
+                raw = payload.encode() if isinstance(payload, str) else payload
+                info.size = len(raw)
+                data = io.BytesIO(raw)
+            tf.addfile(info, data)
+
+
+@pytest.fixture
+def arena(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A rootfs and, beside it, a sentinel directory that nothing may touch."""
+    root, sentinel = tmp_path / "root", tmp_path / "sentinel"
+    root.mkdir()
+    _write(sentinel / "keep", "precious\n")
+    yield root, sentinel
+    assert sorted(os.listdir(sentinel)) == ["keep"]
+    assert (sentinel / "keep").read_text() == "precious\n"
+    assert os.lstat(sentinel / "keep").st_nlink == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "evil").exists()
+    assert not os.path.lexists("/etc/mmshim-layer-evil")
+
+
+APPLIERS: list[Callable[[str, str], dict]] = [layer.apply_diff, layer.apply_tree]
+REG, DIR, SYM, LNK = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+
+
+@pytest.mark.parametrize("apply", APPLIERS, ids=["diff", "tree"])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("../x", REG, "evil")],
+        [("/etc/mmshim-layer-evil", REG, "evil")],
+        [("{sentinel}/evil", REG, "evil")],
+        [("a/../../x", REG, "evil")],
+        [("ok", REG, "fine"), ("./../evil", REG, "evil")],
+        [("a", SYM, "/"), ("a/{sentinel_rel}/evil", REG, "evil")],
+        [("a", SYM, "{sentinel}"), ("a/evil", REG, "evil")],
+        [("a", DIR, ""), ("a/b", SYM, "../../sentinel"), ("a/b/evil", REG, "evil")],
+        [("h", LNK, "/etc/passwd")],
+        [("h", LNK, "../sentinel/keep")],
+        [("h", LNK, "{sentinel}/keep")],
+        [("h", LNK, "present")],  # a rootfs file, not an entry of this archive
+        [("etc/passwd", REG, "root::0:0::/:/bin/sh\n")],  # etc is a symlink out of the rootfs
+    ],
+    ids=[
+        "dotdot",
+        "absolute",
+        "absolute-sentinel",
+        "inner-dotdot",
+        "late-dotdot",
+        "symlink-root",
+        "symlink-abs",
+        "symlink-rel",
+        "hardlink-abs",
+        "hardlink-dotdot",
+        "hardlink-abs-sentinel",
+        "hardlink-foreign",
+        "rootfs-symlink-parent",
+    ],
+)
+def test_hostile_archive_is_refused(
+    tmp_path: Path, arena: tuple[Path, Path], apply: Callable[[str, str], dict], entries: list[Entry]
+) -> None:
+    root, sentinel = arena
+    (root / "etc").symlink_to(sentinel)
+    _write(root / "present", "p\n")
+    fmt = {"sentinel": str(sentinel), "sentinel_rel": str(sentinel).lstrip("/")}
+    entries = [(n.format(**fmt), k, p.format(**fmt) if isinstance(p, str) else p) for n, k, p in entries]
+    tar = tmp_path / "evil.tar"
+    _hostile_tar(tar, entries)
+    with pytest.raises(LayerError, match="refusing"):
+        apply(str(tar), str(root))
+    if any(".." in n.split("/") or n.startswith("/") for n, _, _ in entries):
+        assert not (root / "ok").exists()  # paths are checked before anything is written
+    assert os.readlink(root / "etc") == str(sentinel)
+
+
+@pytest.mark.parametrize("apply", APPLIERS, ids=["diff", "tree"])
+def test_rootfs_symlinks_are_replaced_not_followed(
+    tmp_path: Path, arena: tuple[Path, Path], apply: Callable[[str, str], dict]
+) -> None:
+    root, sentinel = arena
+    (root / "etc").symlink_to(sentinel)
+    (root / "victim").symlink_to(sentinel / "keep")
+    (root / "newfile").symlink_to(sentinel / "evil")
+    tar = tmp_path / "t.tar"
+    _hostile_tar(
+        tar,
+        [
+            ("etc", DIR, ""),
+            ("etc/passwd", REG, "root\n"),
+            ("victim", REG, "mine\n"),
+            ("newfile", REG, "mine\n"),
+            ("s", SYM, str(sentinel)),
+            ("s", REG, "over\n"),
+            ("hl", LNK, "victim"),
+        ],
+    )
+    apply(str(tar), str(root))
+    assert (root / "etc").is_dir() and not (root / "etc").is_symlink()
+    assert (root / "etc/passwd").read_text() == "root\n"
+    for name in ("victim", "newfile", "s"):
+        assert not (root / name).is_symlink()
+    assert (root / "victim").read_text() == "mine\n" and (root / "s").read_text() == "over\n"
+    assert os.stat(root / "hl").st_ino == os.stat(root / "victim").st_ino
+
+
+@pytest.mark.parametrize("marker", ["link/.wh.keep", "link/.wh..wh..opq", "link/sub/.wh..wh..opq"])
+def test_deletions_never_follow_symlinks(tmp_path: Path, arena: tuple[Path, Path], marker: str) -> None:
+    root, sentinel = arena
+    (root / "link").symlink_to(sentinel)
+    tar = tmp_path / "t.tar"
+    _hostile_tar(tar, [(marker, REG, "")])
+    layer.apply_diff(str(tar), str(root))
+    assert os.readlink(root / "link") == str(sentinel)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [(".wh...", REG, "")],
+        [("d/.wh.", REG, "")],
+        [(".wh.dir", DIR, "")],
+        [(".wh.a/b", REG, "")],
+    ],
+    ids=["whiteout-dotdot", "whiteout-empty", "whiteout-dir", "whiteout-parent"],
+)
+def test_bad_whiteouts_are_refused(tmp_path: Path, arena: tuple[Path, Path], entries: list[Entry]) -> None:
+    root, _ = arena
+    _write(root / "a", "a\n")
+    tar = tmp_path / "t.tar"
+    _hostile_tar(tar, entries)
+    with pytest.raises(LayerError, match="refusing"):
+        layer.apply_diff(str(tar), str(root))
+    assert (root / "a").read_text() == "a\n"
+
+
+def test_garbage_is_a_layer_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    (tmp_path / "root").mkdir()
+    with pytest.raises(LayerError, match="cannot read"):
+        layer.apply_tree(str(bad), str(tmp_path / "root"))

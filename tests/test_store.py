@@ -1,0 +1,836 @@
+"""Tests of mmshim.store on both backends: a local directory and moto's S3 server."""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from mmshim import store as store_mod
+from mmshim.store import (
+    CheckpointInfo,
+    CheckpointUnusable,
+    InvalidJobId,
+    Store,
+    StoreError,
+    open_store,
+    validate_job_id,
+)
+from tests.conftest import S3_BUCKET
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 64 * 1024
+JOB = "4f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@dataclass
+class Repo:
+    """Where a test's store lives, and how to open it (also from a subprocess)."""
+
+    kind: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def open(self, **kw: Any) -> Store:
+        return open_store(self.url, **{**self.options, **kw})
+
+
+@pytest.fixture(params=["file", "s3"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Repo:
+    options = {"chunk_size": CHUNK, "concurrency": 4}
+    if request.param == "file":
+        return Repo("file", f"file://{tmp_path}/repo", options)
+    endpoint = request.getfixturevalue("s3_server")
+    return Repo("s3", f"s3://{S3_BUCKET}/{uuid.uuid4().hex}", {**options, "endpoint_url": endpoint})
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sparse_pages(size: int, seed: int, pages: int = 24) -> bytes:
+    """Mostly zero, like a CRIU page image of a lightly used heap."""
+    rng = random.Random(seed)
+    data = bytearray(size)
+    for _ in range(pages):
+        off = rng.randrange(0, size // 4096) * 4096
+        data[off : off + 4096] = rng.randbytes(4096)
+    return bytes(data)
+
+
+def sample_files(seed: int = 1) -> dict[str, tuple[bytes, int]]:
+    return {
+        "criu/pages-1.img": (sparse_pages(3 * 1024 * 1024, seed), 0o644),
+        "criu/core-1.img": (rand(1000, seed + 1), 0o600),
+        "criu/empty.img": (b"", 0o644),
+        "rootfs.tar": (rand(CHUNK, seed + 2), 0o640),  # exactly one chunk
+        "mounts/0.tar": ((b"some text %d\n" % seed) * 12000, 0o644),  # several chunks and a tail
+        "run.sh": (b"#!/bin/sh\necho hi\n", 0o755),
+    }
+
+
+def write_tree(root: Path, files: dict[str, tuple[bytes, int]]) -> Path:
+    for name, (data, mode) in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(mode)
+    return root
+
+
+def read_tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def all_paths(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def chunk_keys(st: Store) -> set[str]:
+    return {o.key for o in st._backend.list("chunks/")}
+
+
+def manifest_chunks(st: Store, job: str, cid: str) -> set[str]:
+    _, files = st._read_manifest(job, cid)
+    return {f"chunks/{sha[:2]}/{sha}" for f in files for sha, _, _ in f.chunks}
+
+
+def inflight_keys(st: Store, job: str) -> list[str]:
+    return [o.key for o in st._backend.list(f"jobs/{job}/inflight/")]
+
+
+def same_info(a: CheckpointInfo, b: CheckpointInfo) -> bool:
+    return (a.checkpoint_id, a.size, a.meta, a.state) == (b.checkpoint_id, b.size, b.meta, b.state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip and dedup
+
+
+def test_round_trip(repo: Repo, tmp_path: Path) -> None:
+    files = sample_files()
+    src = write_tree(tmp_path / "src", files)
+    st = repo.open()
+    totals: list[int] = []
+    info = st.save(JOB, src, {"step": 7, "note": "ok"}, progress=totals.append)
+
+    raw = sum(len(d) for d, _ in files.values())
+    assert info.state == "good" and info.job_id == JOB
+    assert info.size == raw and info.meta == {"step": 7, "note": "ok"}
+    assert 0 < info.stored < raw / 4  # zero runs dedup, text compresses
+    assert totals == sorted(totals) and totals[-1] == raw
+
+    dest = tmp_path / "dest"
+    got = st.fetch(JOB, info.checkpoint_id, dest, progress=(fetched := []).append)
+    assert read_tree(dest) == files
+    assert fetched[-1] == raw
+    assert same_info(got, info)
+    assert same_info(st.latest_good(JOB), info)
+    [listed] = st.checkpoints(JOB)
+    assert same_info(listed, info) and abs(listed.created - info.created) < 1e-3
+    assert st.jobs() == [JOB]
+
+
+def test_dedup_writes_only_changed_chunks(repo: Repo, tmp_path: Path) -> None:
+    files = sample_files()
+    src = write_tree(tmp_path / "src", files)
+    st = repo.open()
+    first = st.save(JOB, src, {"n": 1})
+    before = chunk_keys(st)
+
+    with open(src / "criu/pages-1.img", "r+b") as f:  # dirty one page of one chunk
+        f.seek(5 * CHUNK + 100)
+        f.write(rand(300, 99))
+    second = st.save(JOB, src, {"n": 2})
+    after = chunk_keys(st)
+    assert len(after - before) == 1
+    assert 0 < second.stored <= CHUNK + 1024
+
+    heads: list[str] = []
+    real_head = st._backend.head
+    st._backend.head = lambda key: heads.append(key) or real_head(key)  # type: ignore[method-assign]
+    third = st.save(JOB, src, {"n": 3})  # nothing changed
+    assert third.stored == 0 and chunk_keys(st) == after
+    assert heads == []  # chunks of the job's previous manifests are trusted without a HEAD each
+
+    # Another job (no manifest of its own to trust) still finds the existing chunks.
+    other = repo.open().save("other-job", src, {})
+    assert other.stored == 0 and chunk_keys(st) == after
+
+    st.fetch(JOB, first.checkpoint_id, tmp_path / "d1")
+    assert read_tree(tmp_path / "d1") == files
+    st.fetch(JOB, second.checkpoint_id, tmp_path / "d2")
+    assert read_tree(tmp_path / "d2") == read_tree(src)
+
+
+def test_growing_files_overlap_dump_and_upload(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    data = rand(10 * CHUNK + 777, 5)
+    done = threading.Event()
+    totals: list[int] = []
+    overlap: list[int] = []
+
+    def writer() -> None:
+        with open(src / "criu/pages-1.img", "wb") as f:
+            f.write(data[: 4 * CHUNK])
+            f.flush()
+            deadline = time.monotonic() + 30
+            while (not totals or totals[-1] < 2 * CHUNK) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            overlap.append(totals[-1] if totals else 0)
+            for i in range(4 * CHUNK, len(data), 10_000):
+                f.write(data[i : i + 10_000])
+                f.flush()
+                if i % 7 == 0:
+                    time.sleep(0.001)
+        (src / "criu/late.img").write_bytes(b"written last")
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    info = repo.open().save(JOB, src, {}, done=done, progress=totals.append)
+    t.join()
+    assert overlap[0] >= 2 * CHUNK, "nothing was stored before done was set"
+    assert info.size == len(data) + len(b"written last")
+    dest = tmp_path / "dest"
+    repo.open().fetch(JOB, info.checkpoint_id, dest)
+    assert (dest / "criu/pages-1.img").read_bytes() == data
+    assert (dest / "criu/late.img").read_bytes() == b"written last"
+
+
+def test_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader never has more than 2 x concurrency chunks in flight."""
+    src = write_tree(tmp_path / "src", {"big": (rand(40 * CHUNK, 3), 0o644)})
+    peak = [0]
+    real_start, real_put = store_mod._Pipeline.start, store_mod._FileBackend.put
+
+    def start(self: store_mod._Pipeline) -> bool:
+        ok = real_start(self)
+        peak[0] = max(peak[0], self._pending)
+        return ok
+
+    def slow_put(self: store_mod._FileBackend, key: str, data: bytes, *, bulk: bool = False) -> None:
+        time.sleep(0.005)
+        real_put(self, key, data, bulk=bulk)
+
+    monkeypatch.setattr(store_mod._Pipeline, "start", start)
+    monkeypatch.setattr(store_mod._FileBackend, "put", slow_put)
+    st = open_store(f"file://{tmp_path}/repo", chunk_size=CHUNK, concurrency=2)
+    st.save(JOB, src, {})
+    assert peak[0] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety and failing saves
+
+CRASH_SCRIPT = """
+import json, os, sys
+from mmshim import store
+url, opts, job, src, point, n, key_part = sys.argv[1:8]
+n = int(n)
+
+def hook(p, count=0, key="", **kw):
+    if p == point and count >= n and key_part in key:
+        os._exit(17)
+
+store._fault_hook = hook
+store.open_store(url, **json.loads(opts)).save(job, src, {"crashed": True})
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("point", "n", "key_part"),
+    [
+        ("inflight_written", 0, ""),
+        ("chunk_written", 1, ""),
+        ("chunk_written", 6, ""),
+        ("before_manifest", 0, ""),
+        ("tmp_written", 0, "/checkpoints/"),  # manifest temp file written, not renamed (file store)
+        ("manifest_written", 0, ""),  # after the manifest: the checkpoint is complete
+    ],
+)
+def test_killed_save_leaves_no_half_checkpoint(
+    repo: Repo, tmp_path: Path, point: str, n: int, key_part: str
+) -> None:
+    if point == "tmp_written" and repo.kind != "file":
+        pytest.skip("S3 PUTs have no temp files")
+    st = repo.open()
+    first_files = sample_files(1)
+    first = st.save(JOB, write_tree(tmp_path / "src1", first_files), {})
+    src2 = write_tree(tmp_path / "src2", sample_files(2))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = [repo.url, json.dumps(repo.options), JOB, str(src2), point, str(n), key_part]
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 17, r.stderr
+
+    listed = st.checkpoints(JOB)
+    if point == "manifest_written":
+        assert len(listed) == 2 and listed[0].meta == {"crashed": True}
+        dest = tmp_path / "dest"
+        assert st.fetch_latest(JOB, dest).checkpoint_id == listed[0].checkpoint_id
+        assert read_tree(dest) == read_tree(src2)
+        return
+    assert [c.checkpoint_id for c in listed] == [first.checkpoint_id]
+    assert st.latest_good(JOB).checkpoint_id == first.checkpoint_id
+    dest = tmp_path / "dest"
+    assert st.fetch_latest(JOB, dest).checkpoint_id == first.checkpoint_id
+    assert read_tree(dest) == first_files
+    # The dead save's marker keeps gc away from its chunks until the grace period is over.
+    assert len(inflight_keys(st, JOB)) == 1
+    keys = chunk_keys(st)
+    assert st.gc(grace_seconds=3600)["in_flight"] and chunk_keys(st) == keys
+
+
+def test_failed_save_leaves_previous_untouched(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = repo.open()
+    first = st.save(JOB, write_tree(tmp_path / "src1", sample_files(1)), {})
+
+    def hook(point: str, count: int = 0, **kw: Any) -> None:
+        if point == "chunk_written" and count == 3:
+            raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(store_mod, "_fault_hook", hook)
+    with pytest.raises(StoreError, match="injected failure"):
+        st.save(JOB, write_tree(tmp_path / "src2", sample_files(2)), {})
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [first.checkpoint_id]
+    assert inflight_keys(st, JOB) == []
+    assert st.fetch_latest(JOB, tmp_path / "dest").checkpoint_id == first.checkpoint_id
+
+
+def test_disk_full_is_a_store_error_and_leaves_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "repo"
+    st = open_store(f"file://{root}", chunk_size=CHUNK, concurrency=2)
+    first = st.save(JOB, write_tree(tmp_path / "src1", sample_files(1)), {})
+    real_write = store_mod._write_all
+    calls = [0]
+
+    def write_all(fd: int, data: bytes) -> None:
+        calls[0] += 1
+        if calls[0] > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(store_mod, "_write_all", write_all)
+    with pytest.raises(StoreError, match="no space left on device"):
+        st.save(JOB, write_tree(tmp_path / "src2", sample_files(2)), {})
+    monkeypatch.setattr(store_mod, "_write_all", real_write)
+    assert [p for p in all_paths(root) if ".tmp-" in p] == []
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [first.checkpoint_id]
+    assert st.fetch_latest(JOB, tmp_path / "dest").checkpoint_id == first.checkpoint_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints
+
+
+def damage(st: Store, job: str, cid: str, how: str, exclude: set[str]) -> None:
+    key = sorted(manifest_chunks(st, job, cid) - exclude)[0]
+    b = st._backend
+    if how == "corrupt_chunk":  # a valid zstd frame of the right size, but other bytes
+        raw = zstandard.ZstdDecompressor().decompress(b.get(key))
+        b.put(key, zstandard.ZstdCompressor().compress(b"\x01" * len(raw)))
+    elif how == "garbage_chunk":
+        b.put(key, b"definitely not zstd")
+    elif how == "delete_chunk":
+        b.delete([key])
+    elif how == "truncate_manifest":
+        mkey = f"jobs/{job}/checkpoints/{cid}.json"
+        data = b.get(mkey)
+        b.put(mkey, data[: len(data) // 2])
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["corrupt_chunk", "garbage_chunk", "delete_chunk", "truncate_manifest"])
+def test_damaged_checkpoint_is_marked_bad_and_skipped(repo: Repo, tmp_path: Path, how: str) -> None:
+    st = repo.open()
+    files_a, files_b = sample_files(1), sample_files(2)
+    a = st.save(JOB, write_tree(tmp_path / "a", files_a), {"n": "a"})
+    b = st.save(JOB, write_tree(tmp_path / "b", files_b), {"n": "b"})
+    a_chunks = manifest_chunks(st, JOB, a.checkpoint_id)
+    damage(st, JOB, b.checkpoint_id, how, exclude=a_chunks)
+
+    dest_b = tmp_path / "dest-b"
+    with pytest.raises(CheckpointUnusable):
+        st.fetch(JOB, b.checkpoint_id, dest_b)
+    assert all_paths(dest_b) == []  # what the failed fetch created is gone
+    states = {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}
+    assert states == {a.checkpoint_id: "good", b.checkpoint_id: "bad"}
+    assert st.latest_good(JOB).checkpoint_id == a.checkpoint_id
+    with pytest.raises(CheckpointUnusable, match="marked bad"):
+        st.fetch(JOB, b.checkpoint_id, dest_b)
+
+    dest = tmp_path / "dest"
+    assert st.fetch_latest(JOB, dest).checkpoint_id == a.checkpoint_id
+    assert read_tree(dest) == files_a
+
+    # fetch_latest itself finds the damage, marks it, and has nothing left: None.
+    damage(st, JOB, a.checkpoint_id, "delete_chunk" if how == "truncate_manifest" else how, exclude=set())
+    dest2 = tmp_path / "dest2"
+    assert st.fetch_latest(JOB, dest2) is None
+    assert all_paths(dest2) == []
+    assert [c.state for c in st.checkpoints(JOB)] == ["bad", "bad"]
+    assert st.latest_good(JOB) is None
+
+
+def test_altered_manifest_fails_its_checksum(repo: Repo, tmp_path: Path) -> None:
+    """A manifest that still parses but was changed (here: one byte of a size) is refused."""
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", {"f": (b"x" * 1234, 0o644)}), {})
+    key = f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json"
+    data = st._backend.get(key)
+    assert b'"size":1234' in data
+    st._backend.put(key, data.replace(b'"size":1234', b'"size":1235', 1))
+    with pytest.raises(CheckpointUnusable, match="checksum"):
+        st.fetch(JOB, info.checkpoint_id, tmp_path / "dest")
+    assert st.latest_good(JOB) is None
+
+
+def test_damage_found_by_fetch_latest_falls_back(repo: Repo, tmp_path: Path) -> None:
+    st = repo.open()
+    a = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
+    b = st.save(JOB, write_tree(tmp_path / "b", sample_files(2)), {})
+    damage(st, JOB, b.checkpoint_id, "garbage_chunk", exclude=manifest_chunks(st, JOB, a.checkpoint_id))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep-me").write_bytes(b"caller's file")
+    assert st.fetch_latest(JOB, dest).checkpoint_id == a.checkpoint_id
+    assert read_tree(dest) == {**sample_files(1), "keep-me": (b"caller's file", 0o644)}
+    assert {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}[b.checkpoint_id] == "bad"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input
+
+HOSTILE_IDS = [
+    *("", ".", "..", "../x", "a/b", "/abs", "a\\b", "a\x00b", "a\nb", "x" * 129),
+    *(".hidden", "-x", "a..b", "a b", "é", "a/../../etc"),
+]
+
+
+@pytest.mark.parametrize("job", HOSTILE_IDS)
+def test_hostile_job_ids_are_refused(repo: Repo, tmp_path: Path, job: str) -> None:
+    with pytest.raises(InvalidJobId):
+        validate_job_id(job)
+    src = write_tree(tmp_path / "src", {"f": (b"x", 0o644)})
+    st = repo.open()
+    calls = [
+        lambda: st.save(job, src, {}),
+        lambda: st.checkpoints(job),
+        lambda: st.latest_good(job),
+        lambda: st.fetch(job, "20260101T000000.000Z-abcdef", tmp_path / "dest"),
+        lambda: st.fetch_latest(job, tmp_path / "dest"),
+        lambda: st.delete(job),
+        lambda: st.retain(job),
+        lambda: st.put_event(job, {}),
+        lambda: st.events(job),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidJobId):
+            call()
+    assert st.jobs() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["repo", "src"] if repo.kind == "file" else ["src"])
+    if repo.kind == "file":
+        assert all_paths(tmp_path / "repo") == []
+
+
+@pytest.mark.parametrize("job", [JOB, JOB + ":17", "local-run_1.2", "A" * 128])
+def test_valid_job_ids(repo: Repo, tmp_path: Path, job: str) -> None:
+    assert validate_job_id(job) == job
+    st = repo.open()
+    info = st.save(job, write_tree(tmp_path / "src", {"f": (b"x", 0o644)}), {})
+    assert st.latest_good(job).checkpoint_id == info.checkpoint_id
+    assert st.jobs() == [job]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil",
+        "{outside}/evil",
+        "a/../../evil",
+        "",
+        ".",
+        "sub//evil",
+        "sub/./evil",
+        "x\\..\\evil",
+        "a\x00b",
+    ],
+)
+def test_hostile_manifest_names_are_refused(repo: Repo, tmp_path: Path, name: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", {"a": (b"payload", 0o644)}), {})
+    doc, _ = st._read_manifest(JOB, info.checkpoint_id)
+    doc["files"][0]["name"] = name.format(outside=outside)
+    st._backend.put(f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json", store_mod._encode_manifest(doc))
+
+    work = tmp_path / "work"
+    with pytest.raises(CheckpointUnusable):
+        st.fetch(JOB, info.checkpoint_id, work / "dest")
+    assert all_paths(outside) == []
+    assert [p for p in all_paths(work) if p != "dest"] == []
+    assert st.checkpoints(JOB)[0].state == "bad"
+    assert st.fetch_latest(JOB, work / "dest") is None
+
+
+def test_fetch_never_writes_through_a_symlink(repo: Repo, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", {"criu/x.img": (b"payload", 0o644)}), {})
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "criu").symlink_to(outside)
+    with pytest.raises(StoreError, match="symlink"):
+        st.fetch(JOB, info.checkpoint_id, dest)
+    assert all_paths(outside) == []
+    assert st.checkpoints(JOB)[0].state == "good"  # the dest dir's fault, not the checkpoint's
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention and gc
+
+
+def test_retain_keeps_newest_good(repo: Repo, tmp_path: Path) -> None:
+    st = repo.open()
+    ids = [
+        st.save(JOB, write_tree(tmp_path / f"s{i}", sample_files(i)), {"i": i}).checkpoint_id
+        for i in range(4)
+    ]
+    c0, c1, c2, c3 = ids
+    assert ids == sorted(ids)
+    st._mark_bad(JOB, c3, "test")
+    assert st.retain(JOB, keep=2) == [c0]
+    assert [(c.checkpoint_id, c.state) for c in st.checkpoints(JOB)] == [
+        (c3, "bad"),
+        (c2, "good"),
+        (c1, "good"),
+    ]
+    c4 = st.save(JOB, tmp_path / "s0", {}).checkpoint_id
+    assert st.retain(JOB, keep=2) == [c1]
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [c4, c3, c2]
+    assert st.retain(JOB, keep=2) == []
+    with pytest.raises(StoreError):
+        st.retain(JOB, keep=0)
+
+
+def test_gc_deletes_only_unreferenced_old_chunks(repo: Repo, tmp_path: Path) -> None:
+    st = repo.open()
+    a = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
+    b = st.save(JOB, write_tree(tmp_path / "b", sample_files(2)), {})
+    b_chunks = manifest_chunks(st, JOB, b.checkpoint_id)
+    a_only = manifest_chunks(st, JOB, a.checkpoint_id) - b_chunks
+    assert a_only
+    st.delete(JOB, a.checkpoint_id)
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [b.checkpoint_id]
+
+    before = chunk_keys(st)
+    r = st.gc()  # default grace: every chunk is young
+    assert r["deleted"] == 0 and r["young"] == len(a_only) and chunk_keys(st) == before
+
+    r = st.gc(grace_seconds=0)
+    assert r["deleted"] == len(a_only) and r["deleted_bytes"] > 0
+    assert chunk_keys(st) == b_chunks
+    st.fetch(JOB, b.checkpoint_id, tmp_path / "dest")
+    assert read_tree(tmp_path / "dest") == sample_files(2)
+
+
+def test_gc_deletes_nothing_while_a_save_is_in_flight(repo: Repo, tmp_path: Path) -> None:
+    st = repo.open()
+    a = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
+    a_chunks = manifest_chunks(st, JOB, a.checkpoint_id)
+    st.delete(JOB, a.checkpoint_id)
+    # A crashed save's marker, long stale: must not block gc, and gets removed.
+    st._backend.put("jobs/old-job/inflight/20200101T000000.000Z-abcdef", b'{"created": 0}')
+    st._clock = lambda: time.time() + 1000  # every chunk now looks 1000 s old
+    before = chunk_keys(st)
+
+    src = tmp_path / "growing"
+    src.mkdir()
+    (src / "pages.img").write_bytes(rand(3 * CHUNK, 42))
+    done = threading.Event()
+    result: list[CheckpointInfo] = []
+    saver = threading.Thread(target=lambda: result.append(st.save("job-2", src, {}, done=done)))
+    saver.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not inflight_keys(st, "job-2") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = st.gc(grace_seconds=100)
+        assert r["in_flight"] and r["deleted"] == 0
+        assert before <= chunk_keys(st)
+    finally:
+        done.set()
+        saver.join()
+
+    r = st.gc(grace_seconds=100)
+    assert r["in_flight"] == [] and r["deleted"] == len(a_chunks) and r["stale_markers"] == 1
+    assert chunk_keys(st) == manifest_chunks(st, "job-2", result[0].checkpoint_id)
+    assert inflight_keys(st, "old-job") == []
+    st.fetch("job-2", result[0].checkpoint_id, tmp_path / "dest")
+    assert (tmp_path / "dest/pages.img").read_bytes() == rand(3 * CHUNK, 42)
+
+
+def test_delete_job_and_checkpoint(repo: Repo, tmp_path: Path) -> None:
+    st = repo.open()
+    src = write_tree(tmp_path / "src", {"f": (b"x" * 100, 0o644)})
+    a = st.save(JOB, src, {})
+    b = st.save(JOB, src, {})
+    st.save("job-2", src, {})
+    st.put_event(JOB, {"e": 1})
+    st.delete(JOB, b.checkpoint_id)
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [a.checkpoint_id]
+    st.delete(JOB)
+    assert st.checkpoints(JOB) == [] and st.events(JOB) == [] and st.latest_good(JOB) is None
+    assert st.jobs() == ["job-2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Events, latest_good
+
+
+def test_events_in_order(repo: Repo) -> None:
+    st = repo.open()
+    for i in range(12):
+        st.put_event(JOB, {"i": i, "kind": "tick"})
+    st.put_event("job-2", {"i": -1})
+    assert [e["i"] for e in st.events(JOB)] == list(range(12))
+    assert st.events("job-2") == [{"i": -1}]
+    assert st.events("job-3") == []
+    with pytest.raises(StoreError):
+        st.put_event(JOB, {"bad": object()})
+    with pytest.raises(StoreError):
+        st.put_event(JOB, ["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+def test_latest_good(repo: Repo, tmp_path: Path) -> None:
+    st = repo.open()
+    dest = tmp_path / "dest"
+    assert st.latest_good(JOB) is None
+    assert st.fetch_latest(JOB, dest) is None
+    assert not dest.exists() or all_paths(dest) == []
+    a = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {"n": "a"})
+    b = st.save(JOB, write_tree(tmp_path / "b", sample_files(2)), {"n": "b"})
+    for i in range(30):
+        st.put_event(JOB, {"i": i})
+    assert same_info(st.latest_good(JOB), b)
+    st._mark_bad(JOB, b.checkpoint_id, "test")
+    assert same_info(st.latest_good(JOB), a)
+
+    if repo.kind == "s3":  # used on every Batch retry: one listing and one GET
+        requests: list[str] = []
+        st._backend.client.meta.events.register(
+            "before-send.s3", lambda request, **kw: requests.append(request.url)
+        )
+        st.latest_good(JOB)
+        assert len(requests) == 2, requests
+
+
+def test_sse_and_storage_class(s3_server: str, tmp_path: Path) -> None:
+    url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    st = open_store(url, endpoint_url=s3_server, chunk_size=CHUNK, sse="AES256", storage_class="STANDARD_IA")
+    info = st.save(JOB, write_tree(tmp_path / "src", {"f": (rand(3 * CHUNK, 1), 0o644)}), {})
+    st.put_event(JOB, {"e": 1})
+    client, prefix = st._backend.client, st._backend.prefix
+
+    def head(key: str) -> dict[str, Any]:
+        return client.head_object(Bucket=S3_BUCKET, Key=prefix + key)
+
+    for key in [
+        *manifest_chunks(st, JOB, info.checkpoint_id),
+        f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json",
+    ]:
+        h = head(key)
+        assert h.get("ServerSideEncryption") == "AES256" and h.get("StorageClass") == "STANDARD_IA", key
+    [event] = [o.key for o in st._backend.list(f"jobs/{JOB}/events/")]
+    h = head(event)
+    assert h.get("ServerSideEncryption") == "AES256" and h.get("StorageClass", "STANDARD") == "STANDARD"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outages and configuration
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def failing_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An endpoint that refuses connections, or one that answers 503 to everything."""
+    if request.param == "refused":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+        return
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _fail
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("failing_endpoint", ["refused", "http503"], indirect=True)
+def test_s3_outage_is_a_store_error(aws_env: None, failing_endpoint: str, tmp_path: Path) -> None:
+    st = open_store(
+        "s3://bucket/prefix", endpoint_url=failing_endpoint, max_attempts=2, connect_timeout=1, read_timeout=2
+    )
+    src = write_tree(tmp_path / "src", {"f": (b"x" * 1000, 0o644)})
+    started = time.monotonic()
+    calls = [
+        lambda: st.save(JOB, src, {}),
+        lambda: st.latest_good(JOB),
+        lambda: st.checkpoints(JOB),
+        lambda: st.fetch_latest(JOB, tmp_path / "dest"),
+        lambda: st.put_event(JOB, {}),
+        lambda: st.gc(),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError) as exc:
+            call()
+        assert not isinstance(exc.value, CheckpointUnusable)
+        assert "cannot reach" in str(exc.value) or "ServiceUnavailable" in str(exc.value)
+    assert time.monotonic() - started < 60
+
+
+def test_s3_missing_bucket(s3_server: str, tmp_path: Path) -> None:
+    st = open_store("s3://no-such-bucket-mmshim/x", endpoint_url=s3_server, max_attempts=1)
+    with pytest.raises(StoreError, match="does not exist"):
+        st.save(JOB, write_tree(tmp_path / "src", {"f": (b"x", 0o644)}), {})
+
+
+def test_save_mid_transfer_outage_keeps_previous(s3_server: str, tmp_path: Path) -> None:
+    """Chunk uploads failing mid-save fail the save; the previous checkpoint stays."""
+    st = open_store(
+        f"s3://{S3_BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_server, chunk_size=CHUNK, max_attempts=2
+    )
+    first = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
+    from botocore.exceptions import ClientError
+
+    def fail_chunk_puts(params: dict[str, Any], **kw: Any) -> None:
+        if "/chunks/" in params["Key"]:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "injected"}}, "PutObject")
+
+    st._backend.client.meta.events.register("provide-client-params.s3.PutObject", fail_chunk_puts)
+    with pytest.raises(StoreError, match="SlowDown"):
+        st.save(JOB, write_tree(tmp_path / "b", sample_files(2)), {})
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [first.checkpoint_id]
+    assert inflight_keys(st, JOB) == []
+    assert st.fetch_latest(JOB, tmp_path / "dest").checkpoint_id == first.checkpoint_id
+
+
+def test_fetch_outage_does_not_mark_bad(s3_server: str, tmp_path: Path) -> None:
+    """S3 failing mid-fetch is an outage, not a damaged checkpoint: StoreError, nothing marked."""
+    from botocore.exceptions import ClientError
+
+    st = open_store(f"s3://{S3_BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_server, chunk_size=CHUNK)
+    info = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
+
+    def fail_chunk_gets(params: dict[str, Any], **kw: Any) -> None:
+        if "/chunks/" in params["Key"]:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "GetObject")
+
+    st._backend.client.meta.events.register("provide-client-params.s3.GetObject", fail_chunk_gets)
+    dest = tmp_path / "dest"
+    with pytest.raises(StoreError, match="InternalError") as exc:
+        st.fetch_latest(JOB, dest)
+    assert not isinstance(exc.value, CheckpointUnusable)
+    assert all_paths(dest) == []
+    st._backend.client.meta.events.unregister("provide-client-params.s3.GetObject", fail_chunk_gets)
+    assert [c.state for c in st.checkpoints(JOB)] == ["good"]
+    assert st.fetch_latest(JOB, dest).checkpoint_id == info.checkpoint_id
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("http://example/x", {}),
+        ("file://relative/path", {}),
+        ("relative/path", {}),
+        ("s3://", {}),
+        ("s3://bucket/../x", {}),
+        ("file:///tmp/x", {"chunk_size": 1000}),
+        ("file:///tmp/x", {"concurrency": 0}),
+        ("file:///tmp/x", {"no_such_option": 1}),
+        ("s3://bucket/x", {"sse": "rot13"}),
+        ("s3://bucket/x", {"kms_key_id": "k"}),
+    ],
+)
+def test_open_store_refuses_bad_configuration(url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(StoreError):
+        open_store(url, **options)
+
+
+def test_open_store_file_forms(tmp_path: Path) -> None:
+    assert open_store(str(tmp_path / "a")).url == f"file://{tmp_path}/a"
+    assert open_store(f"file://{tmp_path}/b", endpoint_url=None, sse=None).url == f"file://{tmp_path}/b"
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
+
+
+def test_save_refuses_what_it_cannot_store(tmp_path: Path) -> None:
+    st = open_store(f"file://{tmp_path}/repo")
+    with pytest.raises(StoreError, match="not a directory"):
+        st.save(JOB, tmp_path / "missing", {})
+    src = write_tree(tmp_path / "src", {"f": (b"x", 0o644)})
+    with pytest.raises(StoreError, match="JSON"):
+        st.save(JOB, src, {"x": object()})
+    assert st.checkpoints(JOB) == []
