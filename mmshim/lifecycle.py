@@ -8,7 +8,7 @@ cleans up. Everything that is not a protected Batch job ends in an exec of runc.
 import json
 import os
 
-from mmshim.runtime import Invocation, exec_runc
+from mmshim.runtime import Invocation, exec_runc, report_error
 
 STATE_FILE = "mmshim.json"  # kept in runc's own state dir <root>/<id>/, so `runc delete` removes it
 
@@ -48,8 +48,109 @@ def state_path(inv: Invocation) -> str:
 
 
 def create(inv: Invocation, runc: str) -> None:
-    Bundle.load(inv.bundle)  # an unreadable config.json is reported here, clearly, not by runc
+    bundle = Bundle.load(inv.bundle)  # an unreadable config.json is reported here, clearly, not by runc
+    env = bundle.env
+    if "AWS_BATCH_JOB_ID" in env or "MMSHIM_JOB_ID" in env:
+        try:
+            protected_create(inv, runc, bundle)
+        except Exception as exc:  # never fail a job that runc alone would run
+            report_error(inv, f"protection disabled for this container: {type(exc).__name__}: {exc}")
     exec_runc(runc, inv.argv)
+
+
+def protected_create(inv: Invocation, runc: str, bundle: Bundle) -> None:
+    """Restore in place of create when the job has a checkpoint, then start the watcher.
+
+    Returns only to fall back to a plain exec of runc; every problem of mmshim's own ends there,
+    loudly logged, so that the job runs as it would have without mmshim.
+    """
+    import logging
+    import site
+    import subprocess
+    import sys
+    import time
+
+    site.main()  # the runtime starts with -IS; only protected jobs need site-packages
+    from mmshim import config, engine, events, store
+
+    try:
+        job = config.job_from_env(bundle.env, config.load_settings())
+    except ValueError as exc:
+        sys.stderr.write(f"mmshim: not protecting this container: {exc}\n")
+        return
+    if job is None or not job.settings.protect:
+        return
+    cid = str(inv.container_id)
+    events.setup_logging(job, cid, "runtime")
+    log = logging.getLogger("mmshim.lifecycle")
+    if bundle.terminal:
+        log.warning("container has a TTY: not checkpointed")
+        return
+    try:
+        st = store.open_store(job.settings.store, **job.settings.store_options)
+    except Exception as exc:
+        log.error("store %s unavailable: %s", job.settings.store, exc)
+        st = None
+    rec = events.Recorder(job, cid, st)
+    r = engine.Runc(runc, inv.global_argv, inv.root)
+    restored = None
+    if job.attempt > 1:  # attempt 1 cannot have a checkpoint: no store lookup
+        rec.emit("restore.attempted")
+        t0 = time.monotonic()
+        try:
+            if st is None:
+                raise engine.EngineError(f"store {job.settings.store} unavailable")
+            restored = engine.restore(
+                r, cid, inv.bundle, inv.pid_file, bundle.spec, st, job.job_id, job.settings
+            )
+            if restored is None:
+                rec.emit("restore.fallback", reason="no good checkpoint in the store")
+        except Exception as exc:
+            log.exception("restore failed; starting fresh")
+            rec.emit("restore.fallback", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
+        if restored is not None:
+            rec.emit(
+                "restore.succeeded",
+                checkpoint_id=restored.checkpoint_id,
+                duration_s=time.monotonic() - t0,
+                progress_s=restored.meta.get("progress_s", 0),
+            )
+    if restored is None:
+        proc = subprocess.run([runc, *inv.argv], close_fds=False)
+        if proc.returncode != 0:
+            sys.exit(proc.returncode)
+        rec.emit("start")
+    state = {
+        "restored": restored is not None,
+        "job_id": job.job_id,
+        "attempt": job.attempt,
+        "progress_base": restored.meta.get("progress_s", 0) if restored else 0,
+        "started": time.time(),
+    }
+    with open(state_path(inv), "w") as f:
+        json.dump(state, f)
+    subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmshim.watcher",
+            "--runc",
+            runc,
+            "--root",
+            inv.root,
+            "--bundle",
+            inv.bundle,
+            "--global-argv",
+            json.dumps(inv.global_argv),
+            cid,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        start_new_session=True,
+    )
+    sys.exit(0)
 
 
 def start(inv: Invocation, runc: str) -> None:

@@ -28,7 +28,7 @@ def wait_for(check, what: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def start_dockerd(state: Path) -> str:
+def start_dockerd(state: Path, env: dict[str, str] | None = None) -> str:
     """A dockerd of our own (own data-root, exec-root, socket), bridge none, mmshim registered."""
     state.mkdir(parents=True, exist_ok=True)
     sock = state / "docker.sock"
@@ -56,6 +56,7 @@ def start_dockerd(state: Path) -> str:
         stdout=log,
         stderr=log,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     host = f"unix://{sock}"
     wait_for(

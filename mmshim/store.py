@@ -1089,11 +1089,13 @@ class Store:
         meta: dict[str, Any],
         done: threading.Event | None = None,
         progress: Callable[[int], None] | None = None,
+        abort: threading.Event | None = None,
     ) -> CheckpointInfo:
         """Store the regular files under src_dir as a new checkpoint; the manifest goes last.
 
         With ``done``, files may still be growing (append-only, as CRIU writes them): full chunks
         are stored as they appear and the tails once ``done`` is set, so dump and upload overlap.
+        ``abort`` set by then (the dump that was feeding the files failed) means no manifest.
         ``progress`` gets the running total of raw bytes processed. Symlinks, special files and
         empty directories are not stored. Nothing else is changed (no retention).
         """
@@ -1134,6 +1136,8 @@ class Store:
                 ],
             }
             _fault("before_manifest")
+            if abort is not None and abort.is_set():
+                raise StoreError(f"checkpoint {job}/{cid} aborted: its source failed")
             self._backend.put(_manifest_key(job, cid), _encode_manifest(doc), bulk=True)
             _fault("manifest_written")
         except BaseException as e:

@@ -49,11 +49,44 @@ def start_imds(state: Path) -> str:
     return start_background(state, "imds", argv, port)
 
 
+E2E_BUCKET = "mmshim-e2e"
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def write_mmshim_config(state: Path, s3: str, imds: str, docker_host: str) -> Path:
+    """The host config the runtime under the test dockerd reads: S3 on moto, the IMDS emulator."""
+    import boto3
+
+    s3_client = boto3.client(
+        "s3", endpoint_url=s3, **{k.lower(): v for k, v in FAKE_AWS.items() if "KEY" in k}
+    )
+    s3_client.create_bucket(Bucket=E2E_BUCKET)
+    config = state / "mmshim.toml"
+    config.write_text(
+        f'store = "s3://{E2E_BUCKET}/mmshim"\n'
+        f'store_options = {{ endpoint_url = "{s3}", region = "us-east-1" }}\n'
+        f'workdir = "{state / "work"}"\nlog_dir = "{state / "log"}"\n'
+        f'imds_endpoint = "{imds}"\nimds_poll = 0.5\ndocker_host = "{docker_host}"\n'
+    )
+    return config
+
+
 def start_all(state: Path) -> dict[str, str]:
+    state.mkdir(parents=True, exist_ok=True)
+    s3, imds = start_s3(state), start_imds(state)
+    docker_host = f"unix://{state / 'docker' / 'docker.sock'}"
+    config = write_mmshim_config(state, s3, imds, docker_host)
     env = {
-        "MMSHIM_TEST_DOCKER_HOST": start_dockerd(state / "docker"),
-        "MMSHIM_TEST_S3_ENDPOINT": start_s3(state),
-        "MMSHIM_TEST_IMDS_ENDPOINT": start_imds(state),
+        "MMSHIM_TEST_S3_ENDPOINT": s3,
+        "MMSHIM_TEST_IMDS_ENDPOINT": imds,
+        "MMSHIM_TEST_CONFIG": str(config),
+        "MMSHIM_TEST_DOCKER_HOST": start_dockerd(
+            state / "docker", {"MMSHIM_CONFIG": str(config), **FAKE_AWS}
+        ),
     }
     (state / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     return env

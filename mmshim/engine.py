@@ -1,0 +1,262 @@
+"""The checkpoint engine: whole-container checkpoints (runc + CRIU + writable layer + mounts).
+
+A checkpoint holds what a restore on a NEW host needs: CRIU's images, the overlay writable layer
+(CRIU does not carry it) and the contents of chosen bind mounts such as Docker's /dev/shm. The
+container is paused while the layer is captured and CRIU dumps, so the three are consistent; it
+resumes as soon as CRIU is done, while compression and upload of the images (which began while
+CRIU was still writing them) finish.
+"""
+
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mmshim import layer
+from mmshim.config import Settings
+from mmshim.store import CheckpointInfo, Store
+
+log = logging.getLogger("mmshim.engine")
+CRIU_CONFIG_ANNOTATION = "org.criu.config"
+
+
+class EngineError(Exception):
+    pass
+
+
+class Runc:
+    """runc with the global flags containerd gave us (same --root, --log, --criu, ...)."""
+
+    def __init__(self, runc: str, global_argv: list[str], root: str) -> None:
+        self.runc = runc
+        self.global_argv = global_argv
+        self.root = root
+
+    def run(self, *args: str, inherit_stdio: bool = False) -> None:
+        kw: dict = {} if inherit_stdio else {"stdin": subprocess.DEVNULL, "capture_output": True}
+        proc = subprocess.run([self.runc, *self.global_argv, *args], text=True, close_fds=False, **kw)
+        if proc.returncode != 0:
+            detail = (proc.stderr or "").strip().splitlines()[-1:] if not inherit_stdio else []
+            raise EngineError(f"runc {args[0]} failed ({proc.returncode}): {' '.join(detail)}")
+
+    def state(self, container_id: str) -> dict | None:
+        proc = subprocess.run(
+            [self.runc, "--root", self.root, "state", container_id], capture_output=True, text=True
+        )
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def bind_sources(spec: dict, paths: tuple[str, ...]) -> dict[str, str]:
+    """Host sources of the chosen container paths that are bind mounts (tmpfs ones CRIU dumps itself)."""
+    out = {}
+    for mount in spec.get("mounts") or []:
+        dest = mount.get("destination")
+        if dest in paths and (
+            "bind" in (mount.get("options") or []) or "rbind" in (mount.get("options") or [])
+        ):
+            out[dest] = mount["source"]
+    return out
+
+
+def rootfs_of(spec: dict, bundle: str) -> str:
+    root = (spec.get("root") or {}).get("path") or "rootfs"
+    return root if os.path.isabs(root) else os.path.join(bundle, root)
+
+
+def versions() -> dict:
+    def first_line(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "unknown"
+
+    return {
+        "kernel": platform.release(),
+        "runc": first_line(["runc", "--version"]),
+        "criu": first_line(["criu", "--version"]),
+    }
+
+
+def criu_stats(images: Path) -> dict:
+    """Frozen time and pages written from CRIU's own stats-dump (microseconds → seconds)."""
+    try:
+        import pycriu.images
+
+        with open(images / "stats-dump", "rb") as f:
+            dump = pycriu.images.load(f)["entries"][0]["dump"]
+    except Exception as exc:  # stats are informative only
+        log.warning("no CRIU stats: %s", exc)
+        return {}
+    return {
+        "frozen_s": dump.get("frozen_time", 0) / 1e6,
+        "memdump_s": dump.get("memdump_time", 0) / 1e6,
+        "pages_written": dump.get("pages_written", 0),
+    }
+
+
+def checkpoint(
+    runc: Runc, container_id: str, store: Store, job_id: str, meta: dict, settings: Settings
+) -> CheckpointInfo:
+    """Checkpoint a running container, leaving it running; the manifest is committed last."""
+    state = runc.state(container_id)
+    if not state or state.get("status") != "running":
+        raise EngineError(f"container {container_id} is not running")
+    bundle = state["bundle"]
+    with open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+    rootfs = rootfs_of(spec, bundle)
+    os.makedirs(settings.workdir, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix="ckpt-", dir=settings.workdir))
+    work = Path(str(stage) + "-work")
+    meta = {
+        **meta,
+        "container_id": container_id,
+        "host": socket.gethostname(),
+        "args": (spec.get("process") or {}).get("args"),
+        "versions": versions(),
+    }
+    timings: dict[str, float] = {}
+    meta["timings"] = timings  # filled in while the upload runs; the manifest is written last
+    done, abort = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def upload() -> None:
+        try:
+            result["info"] = store.save(job_id, stage, meta, done=done, abort=abort)
+        except Exception as exc:
+            result["error"] = exc
+
+    uploader = threading.Thread(target=upload, name="upload")
+    t0 = time.monotonic()
+    try:
+        runc.run("pause", container_id)
+        try:
+            upper = layer.upperdir_of(rootfs)
+            capture = layer.capture_diff if upper else layer.capture_tree
+            meta["layer"] = capture(upper or rootfs, str(stage / "rootfs.tar"), settings.layer_cap)
+            sources = bind_sources(spec, settings.mounts)
+            meta["mounts"] = list(sources)
+            (stage / "mounts").mkdir()
+            for i, source in enumerate(sources.values()):
+                layer.capture_tree(source, str(stage / "mounts" / f"{i}.tar"), settings.mount_cap)
+            timings["layer_s"] = time.monotonic() - t0
+            uploader.start()
+            runc.run(
+                "checkpoint",
+                "--leave-running",
+                "--file-locks",
+                "--tcp-established",
+                "--image-path",
+                str(stage / "criu"),
+                "--work-path",
+                str(work),
+                container_id,
+            )
+        finally:
+            runc.run("resume", container_id)
+            timings["paused_s"] = time.monotonic() - t0
+        meta.update(criu_stats(stage / "criu"))
+        (stage / "logs").mkdir()
+        if (work / "dump.log").exists():
+            shutil.copy(work / "dump.log", stage / "logs" / "dump.log")
+    except BaseException:
+        abort.set()
+        raise
+    finally:
+        done.set()
+        if uploader.is_alive():
+            uploader.join()
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    if "error" in result:
+        raise EngineError(f"upload failed: {result['error']}") from result["error"]
+    return result["info"]
+
+
+def restore(
+    runc: Runc,
+    container_id: str,
+    bundle: str,
+    pid_file: str | None,
+    spec: dict,
+    store: Store,
+    job_id: str,
+    settings: Settings,
+) -> CheckpointInfo | None:
+    """Restore the job's newest good checkpoint in place of `runc create`; None: nothing to restore.
+
+    On any failure the bundle's rootfs and config are put back as they were, so a plain create
+    can follow.
+    """
+    os.makedirs(settings.workdir, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="restore-", dir=settings.workdir))
+    rootfs = rootfs_of(spec, bundle)
+    config = Path(bundle) / "config.json"
+    original_config = config.read_bytes()
+    applied = False
+    try:
+        info = store.fetch_latest(job_id, str(dest))
+        if info is None:
+            return None
+        args = (spec.get("process") or {}).get("args")
+        if info.meta.get("args") != args:
+            raise EngineError(
+                f"checkpoint {info.checkpoint_id} is of another command ({info.meta.get('args')})"
+            )
+        sources = bind_sources(spec, tuple(info.meta.get("mounts") or ()))
+        missing = set(info.meta.get("mounts") or ()) - set(sources)
+        if missing:
+            raise EngineError(f"the new container lacks the bind mounts {sorted(missing)}")
+        applied = True
+        layer.apply_diff(str(dest / "rootfs.tar"), rootfs)
+        for i, mount in enumerate(info.meta.get("mounts") or ()):
+            layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
+        restore_spec = dict(spec)
+        if settings.tcp == "close":
+            conf = dest / "criu.conf"
+            conf.write_text("tcp-close\n")
+            restore_spec["annotations"] = {
+                **(spec.get("annotations") or {}),
+                CRIU_CONFIG_ANNOTATION: str(conf),
+            }
+        config.write_text(json.dumps(restore_spec))
+        argv = [
+            "restore",
+            "--detach",
+            "--bundle",
+            bundle,
+            "--image-path",
+            str(dest / "criu"),
+            "--work-path",
+            str(dest / "work"),
+            "--file-locks",
+        ]
+        if settings.tcp == "established":
+            argv.append("--tcp-established")
+        if pid_file:
+            argv += ["--pid-file", pid_file]
+        runc.run(*argv, container_id, inherit_stdio=True)
+        return info
+    except BaseException:
+        if applied:
+            undo(runc, container_id, rootfs, dest)
+        raise
+    finally:
+        config.write_bytes(original_config)
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def undo(runc: Runc, container_id: str, rootfs: str, dest: Path) -> None:
+    """Leave no half-restored container and give the rootfs back its image state."""
+    subprocess.run([runc.runc, *runc.global_argv, "delete", "--force", container_id], capture_output=True)
+    revert = getattr(layer, "revert_diff", None)
+    lowers = getattr(layer, "lowerdirs_of", None)
+    if revert and lowers and (dest / "rootfs.tar").exists():
+        revert(str(dest / "rootfs.tar"), rootfs, lowers(rootfs))
