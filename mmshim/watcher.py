@@ -159,8 +159,9 @@ class Watcher:
             time.sleep(0.25)
         self.rec.emit("exit", exit_code=code)
         if code == 0 and not self.settings.diagnosis:
-            self.store.delete(self.job.job_id)
-            log.info("job succeeded: its checkpoints are deleted")
+            for info in self.store.checkpoints(self.job.job_id):  # events stay: they are the job's history
+                self.store.delete(self.job.job_id, info.checkpoint_id)
+            log.info("job succeeded: its checkpoints are deleted (gc reclaims their chunks)")
 
 
 def main() -> None:
