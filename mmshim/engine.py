@@ -256,7 +256,5 @@ def restore(
 def undo(runc: Runc, container_id: str, rootfs: str, dest: Path) -> None:
     """Leave no half-restored container and give the rootfs back its image state."""
     subprocess.run([runc.runc, *runc.global_argv, "delete", "--force", container_id], capture_output=True)
-    revert = getattr(layer, "revert_diff", None)
-    lowers = getattr(layer, "lowerdirs_of", None)
-    if revert and lowers and (dest / "rootfs.tar").exists():
-        revert(str(dest / "rootfs.tar"), rootfs, lowers(rootfs))
+    if (dest / "rootfs.tar").exists():
+        layer.revert_diff(str(dest / "rootfs.tar"), rootfs, layer.lowerdirs_of(rootfs))

@@ -32,6 +32,9 @@ component at a time with O_NOFOLLOW, so no symlink, whether from the image or fr
 ever followed while writing or deleting. Archives with absolute paths, `..` components or hard
 links to anything but an earlier entry are refused before anything is written; an entry whose
 parent turns out to be a symlink is refused when reached (LayerError, nothing written outside).
+
+If `runc restore` then fails, revert_diff puts the image's version of every path the diff touched
+back through the same mount (the layers from lowerdirs_of), so the job can start afresh.
 """
 
 import contextlib
@@ -83,11 +86,10 @@ def _unescape_mountinfo(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
-def upperdir_of(rootfs: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The overlay upperdir behind the mount at `rootfs`, or None if rootfs is not a writable overlay.
+def _overlay_options(rootfs: str, mountinfo: str) -> list[tuple[bytes, bytes]] | None:
+    """(key, unescaped value) super options of the overlay mounted at `rootfs`, None if not one.
 
-    None tells the caller that the bundle is a plain directory, to be captured whole with
-    capture_tree. The topmost mount at that path wins, as it is the one the container sees.
+    The topmost mount at that path wins, as it is the one the container sees.
     """
     target = os.fsencode(os.path.realpath(rootfs))
     top: tuple[bytes, bytes] | None = None
@@ -103,11 +105,49 @@ def upperdir_of(rootfs: str, mountinfo: str = "/proc/self/mountinfo") -> str | N
             top = (fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else b"")
     if top is None or top[0] != b"overlay":
         return None
+    options = []
     for option in top[1].split(b","):  # commas inside values are escaped as \054
-        key, eq, value = option.partition(b"=")
-        if key == b"upperdir" and eq:
-            return os.fsdecode(_unescape_mountinfo(value))
+        key, _, value = option.partition(b"=")
+        options.append((key, _unescape_mountinfo(value)))
+    return options
+
+
+def upperdir_of(rootfs: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The overlay upperdir behind the mount at `rootfs`, or None if rootfs is not a writable overlay.
+
+    None tells the caller that the bundle is a plain directory, to be captured whole with
+    capture_tree.
+    """
+    for key, value in _overlay_options(rootfs, mountinfo) or ():
+        if key == b"upperdir" and value:
+            return os.fsdecode(value)
     return None
+
+
+def _split_lowerdir(value: bytes) -> list[bytes]:
+    """`/a\\:b:/c::/data` -> [/a:b, /c]: overlay's own backslash escaping; the layers after `::` are
+    data-only (reachable through metacopy redirects alone), not part of the image's tree."""
+    layers: list[bytes] = []
+    for m in re.finditer(rb"(?s)((?:\\.|[^:\\])*)(:|\Z)", value):
+        if not m.group(1):
+            break  # `::` (or the end): no more visible layers
+        layers.append(re.sub(rb"(?s)\\(.)", rb"\1", m.group(1)))
+    return layers
+
+
+def lowerdirs_of(rootfs: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """The image layers of the overlay mounted at `rootfs`, topmost first ([] if it is no overlay).
+
+    revert_diff looks the image up there. Both the legacy `lowerdir=a:b` option (shown as given,
+    `\\:` escapes included) and the new mount API's repeated `lowerdir+=` are understood.
+    """
+    layers: list[bytes] = []
+    for key, value in _overlay_options(rootfs, mountinfo) or ():
+        if key == b"lowerdir":
+            layers += _split_lowerdir(value)
+        elif key == b"lowerdir+":
+            layers.append(value)
+    return [os.fsdecode(layer) for layer in layers]
 
 
 # --------------------------------------------------------------------------------------- capture
@@ -889,16 +929,21 @@ class _Applier:
                 os.close(fd)
 
 
-def _apply(tar_path: str, dest: str, diff: bool, clear: bool = False) -> dict:
+def _read_plan(tar_path: str, diff: bool) -> list[_Step]:
+    """The archive's validated steps; LayerError for an unreadable or hostile archive."""
     try:
         with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
             members = tf.getmembers()
     except (tarfile.TarError, OSError, ValueError, EOFError, OverflowError) as e:
         raise LayerError(f"cannot read layer archive {tar_path}: {e}") from e
     try:
-        steps = _plan(members, diff)
+        return _plan(members, diff)
     except LayerError as e:
         raise LayerError(f"{tar_path}: {e}") from e
+
+
+def _apply(tar_path: str, dest: str, diff: bool, clear: bool = False) -> dict:
+    steps = _read_plan(tar_path, diff)
     rawfd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         rootfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -950,3 +995,268 @@ def apply_tree(tar_path: str, dest: str, clear: bool = False) -> dict:
     data that is not ours to delete).
     """
     return _apply(tar_path, dest, diff=False, clear=clear)
+
+
+# ---------------------------------------------------------------------------------------- revert
+
+_Layers = list[tuple[str, os.stat_result]]  # one image path in the lower layers, topmost first
+_Parts = tuple[str, ...]
+
+
+def _kept_xattrs(target: int | str) -> dict[str, bytes]:
+    """The xattrs an archive would carry, of an fd or of a path (never followed)."""
+    return {k: v for k, v in _read_xattrs(target, follow=isinstance(target, int)).items() if _keep_xattr(k)}
+
+
+def _sync_xattrs(target: int | str, want: dict[str, bytes]) -> None:
+    """Give target (an fd, or a /proc/self/fd path to a possible symlink) exactly `want`.
+
+    security.* names not in `want` stay: they are the host LSM's labels, not the container's.
+    Names the filesystem cannot hold are skipped, as apply does.
+    """
+    follow = isinstance(target, int)
+    have = _kept_xattrs(target)
+    for key in sorted(want.keys() | {k for k in have if not k.startswith("security.")}):
+        value = want.get(key)
+        if have.get(key) == value:
+            continue
+        try:
+            if value is None:
+                os.removexattr(target, key, follow_symlinks=follow)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+
+
+def _is_whiteout(path: str, st: os.stat_result) -> bool:
+    """An overlay whiteout in a layer: a 0:0 character device, or the kernel's xwhiteout (an empty
+    file flagged overlay.whiteout)."""
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev == 0
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_size == 0
+        and _overlay_flag(_read_xattrs(path, follow=False), "whiteout") is not None
+    )
+
+
+def _image_child(layers: _Layers, name: str) -> _Layers:
+    """`name` in the image directory made of `layers`, looked up as overlay does.
+
+    [] if no layer has it or a whiteout hides it; the topmost entry alone if that is not a
+    directory (it hides all below); otherwise the directories to merge, down to an opaque one or a
+    layer whose whiteout or non-directory ends the merge.
+    """
+    found: _Layers = []
+    for directory, _ in layers:
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if _is_whiteout(path, st):
+            break
+        if not stat.S_ISDIR(st.st_mode):
+            return found or [(path, st)]
+        found.append((path, st))
+        if _overlay_flag(_read_xattrs(path, follow=False), "opaque") == b"y":
+            break
+    return found
+
+
+def _image_lookup(lowerdirs: list[str], parts: _Parts) -> _Layers:
+    """`parts` in the image, one component at a time, so that no symlink in a layer is followed."""
+    layers: _Layers = [(d, os.stat(d)) for d in lowerdirs]
+    for name in parts:
+        if not layers or not stat.S_ISDIR(layers[0][1].st_mode):
+            return []
+        layers = _image_child(layers, name)
+    return layers
+
+
+class _Reverter:
+    """Puts the image's version of paths back under rootfd, walking it as _Applier does."""
+
+    def __init__(self, rootfd: int, lowerdirs: list[str]) -> None:
+        self.rootfd = rootfd
+        self.lowerdirs = lowerdirs
+        self.links: dict[tuple[int, int], _Parts] = {}  # image inode -> first path restored from it
+        self.dir_times: list[tuple[_Parts, os.stat_result]] = []
+        self.stats = {"removed": 0, "restored": 0}
+
+    def revert(self, parts: _Parts, full: bool) -> bool:
+        """Make `parts` what the image has there; True when its whole subtree is now the image's.
+
+        A directory in both keeps its contents, for the archive's paths below it come later and
+        copying the rest would copy the image up for nothing, unless `full` (a whiteout or opaque
+        marker emptied it): then it is replaced like any other entry.
+        """
+        image = _image_lookup(self.lowerdirs, parts)
+        if not parts:  # the root can only be emptied, not replaced
+            if full:
+                for name in os.listdir(self.rootfd):
+                    self.stats["removed"] += _remove(self.rootfd, name)
+                self.fill(self.rootfd, parts, image)
+            if image:
+                self.reset_dir(self.rootfd, parts, image)
+            return full
+        pfd = _open_dir(self.rootfd, parts[:-1], create=False)
+        if pfd is None:
+            return True  # the parent was removed or is a symlink: the image has nothing here either
+        try:
+            leaf = parts[-1]
+            try:
+                cur = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                cur = None
+            if image and cur and not full and stat.S_ISDIR(cur.st_mode) and stat.S_ISDIR(image[0][1].st_mode):
+                fd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
+                try:
+                    self.reset_dir(fd, parts, image)
+                finally:
+                    os.close(fd)
+                return False
+            if cur is not None:
+                self.stats["removed"] += _remove(pfd, leaf)
+            if image:
+                self.restore(pfd, leaf, parts, image)
+            return True
+        finally:
+            os.close(pfd)
+
+    def reset_dir(self, fd: int, parts: _Parts, image: _Layers) -> None:
+        """The image directory's owner, mode and xattrs now; its times once its children are done."""
+        path, st = image[0]
+        self.meta(fd, st, _kept_xattrs(path))
+        self.dir_times.append((parts, st))
+        self.stats["restored"] += 1
+
+    @staticmethod
+    def meta(fd: int, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+        """Owner, then mode (chown clears setuid), then xattrs (chown clears file caps)."""
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        _sync_xattrs(fd, xattrs)
+
+    def fill(self, fd: int, parts: _Parts, image: _Layers) -> None:
+        """Restore every child of the image directory into the (empty) directory fd."""
+        for name in sorted({name for directory, _ in image for name in os.listdir(directory)}):
+            child = _image_child(image, name)
+            if child:
+                self.restore(fd, name, (*parts, name), child)
+
+    def restore(self, pfd: int, leaf: str, parts: _Parts, image: _Layers) -> None:
+        """Copy the image's entry, a directory with everything in it, to the free name leaf in pfd."""
+        path, st = image[0]
+        mode, times = st.st_mode, (st.st_atime_ns, st.st_mtime_ns)
+        if stat.S_ISSOCK(mode):
+            return  # as in capture: whoever serves it binds it again
+        self.stats["restored"] += 1
+        if stat.S_ISDIR(mode):
+            os.mkdir(leaf, 0o700, dir_fd=pfd)
+            fd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                self.fill(fd, parts, image)
+                self.meta(fd, st, _kept_xattrs(path))
+                os.utime(fd, ns=times)
+            finally:
+                os.close(fd)
+        elif st.st_nlink > 1 and self.link(pfd, leaf, parts, st):
+            pass
+        elif stat.S_ISREG(mode):
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                dst = os.open(leaf, flags, 0o600, dir_fd=pfd)
+                try:
+                    sparse = st.st_blocks * 512 < st.st_size
+                    for offset, length in _data_extents(src, st.st_size) if sparse else [(0, st.st_size)]:
+                        _copy(src, offset, dst, offset, length)
+                    os.ftruncate(dst, st.st_size)
+                    self.meta(dst, st, _kept_xattrs(src))
+                    os.utime(dst, ns=times)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        else:
+            if stat.S_ISLNK(mode):
+                os.symlink(os.readlink(path), leaf, dir_fd=pfd)
+            elif stat.S_ISFIFO(mode):
+                os.mkfifo(leaf, 0o600, dir_fd=pfd)
+            else:
+                os.mknod(leaf, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=pfd)
+            os.chown(leaf, st.st_uid, st.st_gid, dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISLNK(mode):
+                os.chmod(leaf, stat.S_IMODE(mode), dir_fd=pfd, follow_symlinks=False)
+            _sync_xattrs(f"/proc/self/fd/{pfd}/{leaf}", _kept_xattrs(path))
+            os.utime(leaf, ns=times, dir_fd=pfd, follow_symlinks=False)
+
+    def link(self, pfd: int, leaf: str, parts: _Parts, st: os.stat_result) -> bool:
+        """Hard-link leaf to an earlier path restored from the same image inode, if there is one."""
+        first = self.links.setdefault((st.st_dev, st.st_ino), parts)
+        tfd = None if first == parts else _open_dir(self.rootfd, first[:-1], create=False)
+        if tfd is None:
+            return False
+        try:
+            os.link(first[-1], leaf, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(tfd)
+        return True
+
+    def set_dir_times(self) -> None:
+        for parts, st in self.dir_times:
+            fd = _open_dir(self.rootfd, parts, create=False)
+            if fd is not None:
+                try:
+                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(fd)
+
+
+def revert_diff(tar_path: str, rootfs: str, lowerdirs: list[str]) -> dict:
+    """Undo apply_diff on a new container's mounted overlay rootfs, for a fresh start of the job.
+
+    When `runc restore` fails after the diff was laid on, the job starts anew and needs the image
+    as it was. Every path the archive touched (its entries, whiteout targets and opaque
+    directories, and the directories above them) is removed from rootfs, and the image's version,
+    looked up in `lowerdirs` (topmost first, see lowerdirs_of) by overlay's whiteout and opaque
+    rules, is copied back with owner, mode, times and xattrs; a directory that was emptied or
+    replaced comes back with all its contents. It works through the mount, never on the upperdir,
+    so that overlay keeps its own whiteouts, opaque flags and caches consistent. Same safety rules
+    as apply_diff: a hostile archive is refused before anything is changed, and no symlink, in
+    rootfs or in the layers, is followed. Returns {removed, restored}: paths removed (a tree
+    counts once) and entries given the image's version (directories whose metadata alone was
+    reset included).
+    """
+    touched: set[_Parts] = set()
+    full: set[_Parts] = set()
+    for step in _read_plan(tar_path, diff=True):
+        touched.update(step.parts[:i] for i in range(len(step.parts) + 1))
+        if step.kind in ("whiteout", "opaque"):
+            full.add(step.parts)
+    try:
+        rootfd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LayerError(f"cannot open rootfs {rootfs}: {e}") from e
+    reverter = _Reverter(rootfd, lowerdirs)
+    done: set[_Parts] = set()
+    parts: _Parts | None = None
+    try:
+        for parts in sorted(touched):  # a directory sorts before everything in it
+            if any(parts[:i] in done for i in range(len(parts))):
+                continue
+            if reverter.revert(parts, parts in full):
+                done.add(parts)
+        parts = None
+        reverter.set_dir_times()
+    except OSError as e:
+        where = f" at {'/' + '/'.join(parts)!r}" if parts is not None else ""
+        raise LayerError(f"cannot revert {tar_path} on {rootfs}{where}: {e}") from e
+    except RecursionError as e:
+        raise LayerError(f"cannot revert {tar_path} on {rootfs}: directory tree too deep") from e
+    finally:
+        os.close(rootfd)
+    return reverter.stats

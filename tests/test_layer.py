@@ -523,3 +523,194 @@ def test_garbage_is_a_layer_error(tmp_path: Path) -> None:
     (tmp_path / "root").mkdir()
     with pytest.raises(LayerError, match="cannot read"):
         layer.apply_tree(str(bad), str(tmp_path / "root"))
+
+
+# ------------------------------------------------------------------------------------ revert_diff
+
+
+def _assert_same_tree(got_root: Path, want_root: Path) -> None:
+    want_entries, want_links = _snapshot(want_root)
+    got_entries, got_links = _snapshot(got_root)
+    assert sorted(got_entries) == sorted(want_entries)
+    for path, want in want_entries.items():
+        assert got_entries[path] == want, path
+    assert got_links == want_links
+
+
+def _image_extras(lower: Path) -> None:
+    """More for revert_diff to put back: owners, modes, a directory's xattrs, hard links, holes."""
+    _write(lower / "owned/f", "owned\n", 0o640)
+    os.chown(lower / "owned/f", 1000, 1001)
+    os.chown(lower / "owned", 1000, 1001)
+    os.chmod(lower / "owned", 0o750)
+    os.setxattr(lower / "d", "user.dir", b"image dir")
+    os.link(lower / "gone/z", lower / "gone/sub/z-link")
+    with open(lower / "gone/sparse", "wb") as f:
+        f.write(b"data")
+        f.truncate(8 * MiB)
+    os.utime(lower / "keep.txt", ns=(1, 1_500_000_000_987_654_321))
+    os.utime(lower / "d", ns=(1, 1_400_000_000_000_000_001))
+
+
+def _change_image_paths(m: Path) -> None:
+    """Changes to what the image has, beyond _change_merged's."""
+    os.chmod(m / "owned", 0o777)
+    os.chown(m / "owned/f", 0, 0)
+    os.setxattr(m / "d", "user.dir", b"changed")
+    os.setxattr(m / "d", "user.extra", b"added")
+    (m / "keep.txt").write_text("overwritten\n")
+    _write(m / "deep/a/b/c/file", "rewritten\n")
+    _write(m / "deep/a/b/new/n", "n\n")
+    os.chmod(m, 0o700)
+
+
+def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) -> None:
+    """Checkpoint diff laid on a fresh overlay of the image, then reverted: the image, exactly."""
+    lower = tmp_path / "lower"
+    _populate_lower(lower)
+    _image_extras(lower)
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _change_merged(merged)
+    _change_image_paths(merged)
+    tar = tmp_path / "diff.tar"
+    layer.capture_diff(str(upper), str(tar))
+    _, upper2, rootfs = _overlay(tmp_path, mounts, suffix="2")
+    layer.apply_diff(str(tar), str(rootfs))
+    assert _snapshot(rootfs) == _snapshot(merged)
+
+    lowers = layer.lowerdirs_of(str(rootfs))
+    assert lowers == [str(lower)]
+    stats = layer.revert_diff(str(tar), str(rootfs), lowers)
+
+    _assert_same_tree(rootfs, lower)
+    assert os.stat(rootfs / "gone/sparse").st_blocks * 512 < 1 * MiB
+    assert os.lstat(rootfs / "gone/z").st_nlink == 2
+    assert not (upper2 / "d/y").exists() and not (upper2 / "deep/a/b/c/x").exists()  # no copy-up
+    assert stats["removed"] >= 20 and stats["restored"] >= 20
+    assert layer.revert_diff(str(tar), str(rootfs), lowers)["removed"] > 0  # idempotent in effect
+    _assert_same_tree(rootfs, lower)
+
+
+def test_revert_diff_over_several_layers(tmp_path: Path, mounts: list[Path]) -> None:
+    """A whiteout, an opaque directory and a file over a directory in the upper image layer hide
+    what lies below them, both when looking a path up and when refilling a directory."""
+    top, bottom = tmp_path / "top", tmp_path / "bottom"
+    _write(bottom / "base.txt", "base\n")
+    _write(bottom / "hidden.txt", "must stay hidden\n")
+    _write(bottom / "dir/a", "a from bottom\n")
+    _write(bottom / "opq/old", "hidden by the opaque dir\n")
+    _write(bottom / "shadow/x", "under a file\n")
+    _write(bottom / "dir2/keep", "keep\n")
+    _write(top / "dir/b", "b from top\n")
+    os.setxattr(top / "dir", "user.layer", b"top")
+    _write(top / "opq/new", "new\n")
+    os.setxattr(top / "opq", "trusted.overlay.opaque", b"y")
+    os.mknod(top / "hidden.txt", stat.S_IFCHR | 0o600, 0)  # an overlay whiteout
+    _write(top / "shadow", "a file over a directory\n")
+    _write(top / "dir2/gone", "gone\n")
+
+    def mount(name: str, upper: bool = True) -> tuple[Path, Path]:
+        up, work, merged = (tmp_path / f"{name}-{n}" for n in ("upper", "work", "merged"))
+        for d in (up, work, merged):
+            d.mkdir()
+        opts = f"lowerdir={top}:{bottom}" + (f",upperdir={up},workdir={work}" if upper else "")
+        _mount("-t", "overlay", "overlay", "-o", opts, str(merged))
+        mounts.append(merged)
+        return up, merged
+
+    _, image = mount("image", upper=False)  # the image itself, read-only
+    assert sorted(os.listdir(image)) == ["base.txt", "dir", "dir2", "opq", "shadow"]
+    upper, ck = mount("checkpoint")
+    (ck / "hidden.txt").write_text("resurrected\n")
+    subprocess.run(["rm", "-rf", str(ck / "dir"), str(ck / "opq"), str(ck / "shadow")], check=True)
+    _write(ck / "dir/z", "z\n")
+    _write(ck / "opq/old", "not the image's\n")
+    _write(ck / "shadow/y", "y\n")
+    (ck / "base.txt").write_text("changed\n")
+    (ck / "dir2/gone").unlink()
+    tar = tmp_path / "diff.tar"
+    layer.capture_diff(str(upper), str(tar))
+    _, rootfs = mount("fresh")
+    layer.apply_diff(str(tar), str(rootfs))
+    assert (rootfs / "hidden.txt").exists() and not (rootfs / "dir/a").exists()
+
+    lowers = layer.lowerdirs_of(str(rootfs))
+    assert lowers == [str(top), str(bottom)]
+    layer.revert_diff(str(tar), str(rootfs), lowers)
+
+    _assert_same_tree(rootfs, image)
+    assert sorted(os.listdir(rootfs / "dir")) == ["a", "b"] and os.listdir(rootfs / "opq") == ["new"]
+    assert os.getxattr(rootfs / "dir", "user.layer") == b"top"
+
+
+def test_lowerdirs_of_parses_mountinfo(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "40 22 0:50 / /run/a rw - overlay overlay "
+        "rw,lowerdir=/l\\134:1:/l\\0402:/l\\134\\1343\\0543::/data,upperdir=/u,workdir=/w\n"
+        "41 22 0:51 / /run/b rw - overlay overlay rw,lowerdir+=/x:y,lowerdir+=/z,datadir+=/d\n"
+        "42 22 0:52 / /run/c rw - tmpfs tmpfs rw\n"
+    )
+    assert layer.lowerdirs_of("/run/a", mountinfo=str(info)) == ["/l:1", "/l 2", "/l\\3,3"]
+    assert layer.lowerdirs_of("/run/b", mountinfo=str(info)) == ["/x:y", "/z"]
+    assert layer.lowerdirs_of("/run/c", mountinfo=str(info)) == []
+    assert layer.upperdir_of("/run/a", mountinfo=str(info)) == "/u"
+
+
+@pytest.mark.parametrize("opaque_root", [False, True])
+def test_revert_diff_never_follows_symlinks(
+    tmp_path: Path, arena: tuple[Path, Path], opaque_root: bool
+) -> None:
+    """Links out of the rootfs, made by the container or named by the archive, and links out of an
+    image layer are removed or recreated, never followed; also when the whole root is refilled."""
+    root, sentinel = arena
+    image = tmp_path / "image"
+    _write(image / "etc/passwd", "image passwd\n")
+    (image / "ld").symlink_to(sentinel)
+    (image / "abs").symlink_to("/etc")
+    subprocess.run(["cp", "-a", f"{image}/.", str(root)], check=True)
+    subprocess.run(["rm", "-rf", str(root / "etc"), str(root / "ld"), str(root / "abs")], check=True)
+    (root / "etc").symlink_to(sentinel)
+    (root / "link").symlink_to(sentinel)
+    _write(root / "ld/keep", "the container's\n")
+    _write(root / "abs/passwd", "the container's\n")
+    tar = tmp_path / "t.tar"
+    _hostile_tar(
+        tar,
+        [
+            ("etc/keep", REG, "x"),
+            ("link/.wh..wh..opq", REG, ""),
+            ("link/sub/.wh.keep", REG, ""),
+            ("ld/keep", REG, "x"),
+            ("abs/passwd", REG, "x"),
+            ("abs/hostname", REG, "x"),
+            *([(".wh..wh..opq", REG, "")] if opaque_root else []),
+        ],
+    )
+    stats = layer.revert_diff(str(tar), str(root), [str(image)])
+    _assert_same_tree(root, image)
+    assert stats == {"removed": 4, "restored": 5}  # the root, etc, etc/passwd, ld, abs
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("ok", REG, "fine"), ("../x", REG, "evil")],
+        [("ok", REG, "fine"), ("/etc/mmshim-layer-evil", REG, "evil")],
+        [("ok", REG, "fine"), ("a/../../x", REG, "evil")],
+        [("ok", REG, "fine"), ("d/.wh..", REG, "")],
+        [("ok", REG, "fine"), ("h", LNK, "../sentinel/keep")],
+    ],
+    ids=["dotdot", "absolute", "inner-dotdot", "whiteout-dotdot", "hardlink-dotdot"],
+)
+def test_revert_diff_refuses_hostile_archives(
+    tmp_path: Path, arena: tuple[Path, Path], entries: list[Entry]
+) -> None:
+    root, sentinel = arena
+    _write(root / "ok", "the container's\n")
+    before = _snapshot(root)
+    tar = tmp_path / "evil.tar"
+    _hostile_tar(tar, entries)
+    with pytest.raises(LayerError, match="refusing"):
+        layer.revert_diff(str(tar), str(root), [str(sentinel)])
+    assert _snapshot(root) == before
