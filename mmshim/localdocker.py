@@ -6,6 +6,7 @@ never touches a host's real Docker set-up, and it registers mmshim beside runc.
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,8 +29,14 @@ def wait_for(check, what: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def start_dockerd(state: Path, env: dict[str, str] | None = None) -> str:
-    """A dockerd of our own (own data-root, exec-root, socket), bridge none, mmshim registered."""
+def start_dockerd(
+    state: Path, env: dict[str, str] | None = None, variants: dict[str, dict[str, str]] | None = None
+) -> str:
+    """A dockerd of our own (own data-root, exec-root, socket), bridge none, mmshim registered.
+
+    `variants` registers more runtimes: mmshim with extra environment (a missing runc, a dead
+    store), to show how such failures reach `docker run`.
+    """
     state.mkdir(parents=True, exist_ok=True)
     sock = state / "docker.sock"
     config = {
@@ -42,12 +49,14 @@ def start_dockerd(state: Path, env: dict[str, str] | None = None) -> str:
         "ip-forward": False,
         "experimental": True,
         "storage-driver": "overlay2",
-        "runtimes": {"mmshim": {"path": MMSHIM}, "mmshim-norunc": {"path": str(state / "mmshim-norunc")}},
+        "runtimes": {"mmshim": {"path": MMSHIM}},
     }
-    # A runtime whose runc is missing, to see how that failure reaches `docker run`.
-    norunc = state / "mmshim-norunc"
-    norunc.write_text(f'#!/bin/sh\nMMSHIM_RUNC=/nonexistent/runc exec {MMSHIM} "$@"\n')
-    norunc.chmod(0o755)
+    for name, extra in (variants or {}).items():
+        wrapper = state / name
+        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items())
+        wrapper.write_text(f'#!/bin/sh\n{assignments} exec {MMSHIM} "$@"\n')
+        wrapper.chmod(0o755)
+        config["runtimes"][name] = {"path": str(wrapper)}
     (state / "daemon.json").write_text(json.dumps(config, indent=2))
     log = open(state / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
     subprocess.Popen(

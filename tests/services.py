@@ -57,35 +57,39 @@ FAKE_AWS = {
 }
 
 
-def write_mmshim_config(state: Path, s3: str, imds: str, docker_host: str) -> Path:
+def write_mmshim_config(path: Path, s3: str, imds: str, docker_host: str) -> Path:
     """The host config the runtime under the test dockerd reads: S3 on moto, the IMDS emulator."""
-    import boto3
-
-    s3_client = boto3.client(
-        "s3", endpoint_url=s3, **{k.lower(): v for k, v in FAKE_AWS.items() if "KEY" in k}
-    )
-    s3_client.create_bucket(Bucket=E2E_BUCKET)
-    config = state / "mmshim.toml"
-    config.write_text(
+    state = path.parent
+    path.write_text(
         f'store = "s3://{E2E_BUCKET}/mmshim"\n'
-        f'store_options = {{ endpoint_url = "{s3}", region = "us-east-1" }}\n'
+        f'store_options = {{ endpoint_url = "{s3}", region = "us-east-1", max_attempts = 2 }}\n'
         f'workdir = "{state / "work"}"\nlog_dir = "{state / "log"}"\n'
         f'imds_endpoint = "{imds}"\nimds_poll = 0.5\ndocker_host = "{docker_host}"\n'
     )
-    return config
+    return path
 
 
 def start_all(state: Path) -> dict[str, str]:
+    import boto3
+
     state.mkdir(parents=True, exist_ok=True)
     s3, imds = start_s3(state), start_imds(state)
+    keys = {k.lower(): v for k, v in FAKE_AWS.items() if "KEY" in k}
+    boto3.client("s3", endpoint_url=s3, region_name="us-east-1", **keys).create_bucket(Bucket=E2E_BUCKET)
     docker_host = f"unix://{state / 'docker' / 'docker.sock'}"
-    config = write_mmshim_config(state, s3, imds, docker_host)
+    config = write_mmshim_config(state / "mmshim.toml", s3, imds, docker_host)
+    # The same host with its store down (a closed port): protected jobs must still run.
+    dead = write_mmshim_config(state / "mmshim-deadstore.toml", "http://127.0.0.1:1", imds, docker_host)
+    variants = {
+        "mmshim-norunc": {"MMSHIM_RUNC": "/nonexistent/runc"},
+        "mmshim-deadstore": {"MMSHIM_CONFIG": str(dead)},
+    }
     env = {
         "MMSHIM_TEST_S3_ENDPOINT": s3,
         "MMSHIM_TEST_IMDS_ENDPOINT": imds,
         "MMSHIM_TEST_CONFIG": str(config),
         "MMSHIM_TEST_DOCKER_HOST": start_dockerd(
-            state / "docker", {"MMSHIM_CONFIG": str(config), **FAKE_AWS}
+            state / "docker", {"MMSHIM_CONFIG": str(config), **FAKE_AWS}, variants
         ),
     }
     (state / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))

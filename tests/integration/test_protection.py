@@ -4,6 +4,7 @@ import time
 import tomllib
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,113 @@ def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> No
     )
     assert finish(docker, cid) == (0, "ok\n")
     assert store.events(job) == [] and store.checkpoints(job) == []
+
+
+def post(url: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
+
+
+def test_store_down_at_create_starts_fresh(docker: Docker) -> None:
+    """A retry whose store is unreachable runs the job from the start, and it finishes."""
+    cid = docker.out(
+        "run", "-d", "--runtime=mmshim-deadstore", "--network", "none",
+        "-e", "AWS_BATCH_JOB_ID=e2e-deadstore", "-e", "AWS_BATCH_JOB_ATTEMPT=3",
+        IMAGE, "sh", "-c", "echo fresh",
+    ).strip()  # fmt: skip
+    assert finish(docker, cid) == (0, "fresh\n")
+
+
+def test_array_child_job(docker: Docker, store: Store) -> None:
+    job = f"{uuid.uuid4()}:7"  # array children are <parent-id>:<index>
+    first = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=2", "-e", "AWS_BATCH_JOB_ARRAY_INDEX=7")
+    wait_for(lambda: store.latest_good(job), "a checkpoint of the array child")
+    docker.run("rm", "-f", first)
+    code, out = finish(docker, run_job(docker, job, 2, "-e", "AWS_BATCH_JOB_ARRAY_INDEX=7"))
+    assert code == 0 and out.splitlines()[-1] == "started by attempt 1"
+
+
+def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_server: str) -> None:
+    import boto3
+
+    from tests.services import E2E_BUCKET
+
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    first = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=1.5")
+    wait_for(lambda: len([c for c in store.checkpoints(job) if c.state == "good"]) >= 2, "two checkpoints")
+    docker.run("rm", "-f", first)
+    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+    latest, previous = store.checkpoints(job)[:2]
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    key = f"mmshim/jobs/{job}/checkpoints/{latest.checkpoint_id}.json"
+    body = s3.get_object(Bucket=E2E_BUCKET, Key=key)["Body"].read()
+    s3.put_object(Bucket=E2E_BUCKET, Key=key, Body=body[: len(body) // 2])  # a truncated manifest
+    code, out = finish(docker, run_job(docker, job, 2))
+    assert code == 0 and out.splitlines()[-2:] == ["done 40 40 40", "started by attempt 1"]
+    succeeded = [e for e in store.events(job) if e["event"] == "restore.succeeded"]
+    assert [e["checkpoint_id"] for e in succeeded] == [previous.checkpoint_id]
+
+
+def test_failed_job_keeps_checkpoints(docker: Docker, store: Store) -> None:
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    cid = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=1", script="sleep 4; exit 1")
+    assert finish(docker, cid)[0] == 1
+    wait_for(lambda: "exit" in events(store, job), "the exit event")
+    exits = [e for e in store.events(job) if e["event"] == "exit"]
+    assert exits[0]["exit_code"] == 1
+    assert store.latest_good(job) is not None
+
+
+def test_watcher_never_holds_output_and_dies_with_container(docker: Docker, tmp_path) -> None:
+    cidfile = tmp_path / "cid"
+    proc = docker.run(
+        "run", "--rm", "--cidfile", str(cidfile), "--runtime=mmshim", "--network", "none",
+        "-e", f"AWS_BATCH_JOB_ID=e2e-{uuid.uuid4().hex[:8]}", "-e", "MMSHIM_INTERVAL=600",
+        IMAGE, "sh", "-c", "sleep 1; echo ok", timeout=60,
+    )  # fmt: skip
+    assert proc.stdout == "ok\n"  # returned when the job ended: no fd of the container's output held
+    cid = cidfile.read_text().strip()
+
+    def watcher_gone() -> bool:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if b"mmshim.watcher" in cmdline.read_bytes() and cid.encode() in cmdline.read_bytes():
+                    return False
+            except OSError:
+                continue
+        return True
+
+    wait_for(watcher_gone, "the watcher to exit", timeout=30)
+
+
+def test_one_notice_two_containers_both_commit(
+    docker: Docker, store: Store, services_env: dict[str, str]
+) -> None:
+    imds = services_env["MMSHIM_TEST_IMDS_ENDPOINT"]
+    jobs = [f"e2e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    cids = [run_job(docker, job, 1) for job in jobs]
+    try:
+        time.sleep(1.5)
+        post(f"{imds}/mmshim/spot?action=terminate")
+        for job in jobs:
+            wait_for(lambda job=job: store.latest_good(job), f"the final checkpoint of {job}")
+    finally:
+        post(f"{imds}/mmshim/reset")
+        docker.run("rm", "-f", *cids)
+
+
+def test_imds_faults_do_not_stop_the_watcher(
+    docker: Docker, store: Store, services_env: dict[str, str]
+) -> None:
+    imds = services_env["MMSHIM_TEST_IMDS_ENDPOINT"]
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    cid = run_job(docker, job, 1)
+    try:
+        post(f"{imds}/mmshim/fault?mode=500&count=6")
+        time.sleep(2)
+        post(f"{imds}/mmshim/fault?mode=expire-tokens&count=1")
+        post(f"{imds}/mmshim/spot?action=terminate")
+        info = wait_for(lambda: store.latest_good(job), "a checkpoint after IMDS recovered")
+        assert info.meta["trigger"] == "spot"
+    finally:
+        post(f"{imds}/mmshim/reset")
+        docker.run("rm", "-f", cid)
