@@ -140,10 +140,14 @@ class RuncNotFound(Exception):
 
 
 def _is_self(path: str) -> bool:
-    try:
-        return os.path.samefile(path, sys.argv[0])
-    except OSError:
-        return False
+    """Is this mmshim: the Python runtime itself, or the launcher that started it?"""
+    for me in (sys.argv[0], os.environ.get("MMSHIM_SELF")):
+        try:
+            if me and os.path.samefile(path, me):
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _runc_from_config() -> str | None:

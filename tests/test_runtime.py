@@ -128,7 +128,9 @@ def run_mmshim(*args: str, env: dict | None = None, **kw) -> subprocess.Complete
 
 def fake_runc(tmp_path: Path) -> Path:
     script = tmp_path / "fake-runc"
-    script.write_text('#!/bin/sh\necho "pid=$$ args=$*"; cat; exit 42\n')
+    script.write_text(
+        '#!/bin/sh\necho "pid=$$ args=$*"; [ -n "$MMSHIM_SELF" ] && echo python; cat; exit 42\n'
+    )
     script.chmod(0o755)
     return script
 
@@ -177,7 +179,7 @@ def test_missing_runc_is_logged_for_containerd(tmp_path: Path, fmt: str) -> None
         assert line.startswith("level=error") and "/nonexistent/runc" in line
 
 
-@pytest.mark.parametrize("content", [None, b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize("content", [None, b'{"AWS_BATCH_JOB_ID=x" not json', b'["AWS_BATCH_JOB_ID=x"]'])
 def test_unreadable_config_json(tmp_path: Path, content: bytes | None) -> None:
     if content is not None:
         (tmp_path / "config.json").write_bytes(content)
@@ -211,3 +213,65 @@ def test_passthrough_imports_nothing_heavy() -> None:
     ).stdout.split()
     for heavy in ("click", "boto3", "botocore", "logging", "json", "pythonjsonlogger", "mmshim.lifecycle"):
         assert heavy not in mods
+
+
+def bundle_with_env(tmp_path: Path, *env: str) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"process": {"env": ["PATH=/bin", *env]}}))
+    return bundle
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "python"),
+    [
+        (["--root", "R", "--log=L", "create", "-b", "B", "--pid-file", "P", "c1"], [], False),
+        (["--root", "R", "create", "--bundle=B", "c1"], ["AWS_BATCH_JOB_ID=j1"], True),
+        (["create", "-b", "B", "c1"], ["MMSHIM_JOB_ID=j1"], True),
+        (["--root", "R", "start", "c1"], [], False),
+        (["--root", "R", "start", "restored"], [], True),
+        (["--root", "R", "delete", "--force", "c1"], [], False),
+        (["--root", "R", "state", "c1"], [], False),
+        (["--future-flag", "state", "c1"], [], True),
+        (["create", "--future-flag", "-b", "B", "c1"], [], True),
+    ],
+)
+def test_launcher_fast_path(tmp_path: Path, argv: list[str], env: list[str], python: bool) -> None:
+    """The shell launcher execs runc itself unless mmshim has something to do or argv is unusual."""
+    bundle = bundle_with_env(tmp_path, *env)
+    root = tmp_path / "root"
+    (root / "restored").mkdir(parents=True)
+    (root / "restored" / "mmshim.json").write_text('{"restored": false}')
+    config = tmp_path / "mmshim.toml"
+    config.write_text("protect = false\n")  # a protected job's create then ends in runc, via Python
+    argv = [a.replace("B", str(bundle)) if a.endswith("B") else str(root) if a == "R" else a for a in argv]
+    proc = subprocess.Popen(
+        [MMSHIM, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "MMSHIM_RUNC": str(fake_runc(tmp_path)), "MMSHIM_CONFIG": str(config)},
+    )  # fmt: skip
+    out, _ = proc.communicate()
+    assert proc.returncode == 42
+    assert out.splitlines()[0] == f"pid={proc.pid} args={' '.join(argv)}"
+    assert ("python" in out.splitlines()) == python
+
+
+def test_launcher_skips_itself_on_path(tmp_path: Path) -> None:
+    """mmshim installed as `runc` first on PATH: the launcher finds the real one after it."""
+    first, real = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    real.mkdir()
+    (first / "runc").symlink_to(MMSHIM)
+    (real / "runc").symlink_to(fake_runc(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "MMSHIM_RUNC"}
+    proc = subprocess.run(
+        [str(first / "runc"), "state", "x"],
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": f"{first}:{real}"},
+    )
+    assert proc.returncode == 42 and "args=state x" in proc.stdout
+    proc = subprocess.run(
+        [str(first / "runc"), "--log", str(tmp_path / "log"), "state", "x"],
+        capture_output=True, text=True, env={**env, "PATH": str(first)},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "no runc found" in proc.stderr

@@ -107,7 +107,7 @@ def test_docker_checkpoint_passes_through(docker: Docker) -> None:
         assert json.loads(docker.out("inspect", cid))[0]["State"]["Running"]
         time.sleep(0.3)
         count = int(docker.out("exec", cid, "cat", "/tmp/count").strip())
-        assert count > before  # continued from its checkpointed value; a fresh start would be near 3
+        assert count >= before > 5  # continued from its checkpointed value; a fresh start would be near 3
     finally:
         docker.run("rm", "-f", cid, check=False)
 
