@@ -8,18 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from mmshim.demo import expected, workload
 from mmshim.localdocker import IMAGE, Docker
 from mmshim.store import Store, open_store
 
 pytestmark = pytest.mark.integration
 
-# Counts in memory, keeps a file in the writable layer and one in /dev/shm; says which attempt
-# STARTED it: a restored process never runs that line again.
-JOB = (
-    'echo "started by attempt $AWS_BATCH_JOB_ATTEMPT" > /data/started; i=0; '
-    "while [ $i -lt 40 ]; do i=$((i+1)); echo $i >> /data/log; echo $i > /dev/shm/count; sleep 0.25; done; "
-    'echo "done $i $(wc -l < /data/log) $(cat /dev/shm/count)"; cat /data/started'
-)
+JOB = workload(40, 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +62,7 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store)
     second = run_job(docker, job, 2, "-e", "MMSHIM_INTERVAL=600")
     code, out = finish(docker, second)
     assert code == 0, out
-    assert out.splitlines()[-2:] == ["done 40 40 40", "started by attempt 1"]  # resumed, not restarted
+    assert out.splitlines()[-2:] == expected(40)  # resumed, not restarted
     names = events(store, job)
     assert "restore.succeeded" in names and "restore.fallback" not in names
     wait_for(lambda: not store.checkpoints(job), "checkpoints to be deleted after success")
@@ -149,7 +144,7 @@ def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_serve
     body = s3.get_object(Bucket=E2E_BUCKET, Key=key)["Body"].read()
     s3.put_object(Bucket=E2E_BUCKET, Key=key, Body=body[: len(body) // 2])  # a truncated manifest
     code, out = finish(docker, run_job(docker, job, 2))
-    assert code == 0 and out.splitlines()[-2:] == ["done 40 40 40", "started by attempt 1"]
+    assert code == 0 and out.splitlines()[-2:] == expected(40)
     succeeded = [e for e in store.events(job) if e["event"] == "restore.succeeded"]
     assert [e["checkpoint_id"] for e in succeeded] == [previous.checkpoint_id]
 
