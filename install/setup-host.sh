@@ -89,7 +89,7 @@ venv_install() {
   want=$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-16)-$REPO
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing mmshim and its dependencies into $VENV"
-    "$VENV/bin/pip" install -q -e "$REPO[test]" "protobuf>=3.20" >"$PREFIX/pip.log" 2>&1 ||
+    "$VENV/bin/pip" install -q -e "$REPO[test]" "protobuf>=4.21,<6" >"$PREFIX/pip.log" 2>&1 ||
       die "pip install failed: see $PREFIX/pip.log"
     echo "$want" >"$stamp"
   fi

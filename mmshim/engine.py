@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mmshim import layer
@@ -102,9 +103,18 @@ def criu_stats(images: Path) -> dict:
 
 
 def checkpoint(
-    runc: Runc, container_id: str, store: Store, job_id: str, meta: dict, settings: Settings
+    runc: Runc,
+    container_id: str,
+    store: Store,
+    job_id: str,
+    meta: dict,
+    settings: Settings,
+    progress: Callable[[int], None] | None = None,
 ) -> CheckpointInfo:
-    """Checkpoint a running container, leaving it running; the manifest is committed last."""
+    """Checkpoint a running container, leaving it running; the manifest is committed last.
+
+    ``progress`` gets the upload's running total of raw bytes (Store.save).
+    """
     state = runc.state(container_id)
     if not state or state.get("status") != "running":
         raise EngineError(f"container {container_id} is not running")
@@ -129,7 +139,7 @@ def checkpoint(
 
     def upload() -> None:
         try:
-            result["info"] = store.save(job_id, stage, meta, done=done, abort=abort)
+            result["info"] = store.save(job_id, stage, meta, done=done, progress=progress, abort=abort)
         except Exception as exc:
             result["error"] = exc
 
@@ -162,7 +172,7 @@ def checkpoint(
         finally:
             runc.run("resume", container_id)
             timings["paused_s"] = time.monotonic() - t0
-        meta.update(criu_stats(stage / "criu"))
+        meta.update(criu_stats(work))  # CRIU writes stats-dump to the work dir
         (stage / "logs").mkdir()
         if (work / "dump.log").exists():
             shutil.copy(work / "dump.log", stage / "logs" / "dump.log")
@@ -189,10 +199,14 @@ def restore(
     store: Store,
     job_id: str,
     settings: Settings,
+    checkpoint_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> CheckpointInfo | None:
     """Restore the job's newest good checkpoint in place of `runc create`; None: nothing to restore.
 
-    On any failure the bundle's rootfs and config are put back as they were, so a plain create
+    With ``checkpoint_id`` that checkpoint instead (no fallback: the operator chose it; a missing
+    or damaged one raises CheckpointUnusable). ``progress`` follows the fetch (Store.fetch). On
+    any failure the bundle's rootfs and config are put back as they were, so a plain create
     can follow.
     """
     os.makedirs(settings.workdir, exist_ok=True)
@@ -202,7 +216,7 @@ def restore(
     original_config = config.read_bytes()
     applied = False
     try:
-        info = store.fetch_latest(job_id, str(dest))
+        info = fetch(store, job_id, str(dest), checkpoint_id, progress)
         if info is None:
             return None
         args = (spec.get("process") or {}).get("args")
@@ -251,6 +265,19 @@ def restore(
     finally:
         config.write_bytes(original_config)
         shutil.rmtree(dest, ignore_errors=True)
+
+
+def fetch(
+    store: Store,
+    job_id: str,
+    dest: str,
+    checkpoint_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CheckpointInfo | None:
+    """What restore fetches: the chosen checkpoint (no fallback), else the newest good one."""
+    if checkpoint_id is not None:
+        return store.fetch(job_id, checkpoint_id, dest, progress)
+    return store.fetch_latest(job_id, dest, progress)
 
 
 def undo(runc: Runc, container_id: str, rootfs: str, dest: Path) -> None:

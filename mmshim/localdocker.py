@@ -125,11 +125,12 @@ class Docker:
         return self.run(*args).stdout
 
 
-def build_image(docker: Docker, tmp: Path) -> None:
-    """A busybox rootfs made on the spot: no registry is reachable from here."""
-    if docker.run("image", "inspect", IMAGE, check=False).returncode == 0:
+def build_image(docker: Docker, tmp: Path, name: str = IMAGE, extra: dict[str, Path] | None = None) -> None:
+    """A busybox rootfs made on the spot (no registry is reachable from here), plus `extra` files
+    (path in the image -> file on the host), such as a static test program."""
+    if docker.run("image", "inspect", name, check=False).returncode == 0:
         return
-    rootfs = tmp / "rootfs"
+    rootfs = tmp / f"rootfs-{name.replace('/', '-').replace(':', '-')}"
     for d in ("bin", "tmp", "proc", "sys", "dev", "etc", "root", "var/tmp", "data"):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
     (rootfs / "tmp").chmod(0o1777)
@@ -142,6 +143,8 @@ def build_image(docker: Docker, tmp: Path) -> None:
     (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
     (rootfs / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (rootfs / "etc/image-file").write_text("from the image\n")
+    for dest, source in (extra or {}).items():
+        shutil.copy2(source, rootfs / dest.lstrip("/"))
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    docker.run("import", "--change", 'CMD ["/bin/sh"]', "-", IMAGE, stdin=tar.stdout)
+    docker.run("import", "--change", 'CMD ["/bin/sh"]', "-", name, stdin=tar.stdout)
     tar.wait()

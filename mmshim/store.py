@@ -1320,7 +1320,7 @@ class Store:
         try:
             doc, files = self._read_manifest(job, cid)
         except _NotFound:
-            raise CheckpointUnusable(f"checkpoint {where} does not exist") from None
+            raise CheckpointUnusable(f"job {job} has no checkpoint {cid}") from None
         except CheckpointUnusable as e:
             self._mark_bad(job, cid, str(e))
             raise
@@ -1414,9 +1414,15 @@ class Store:
         except BaseException as e:
             pipe.finish(e)
 
-    def fetch_latest(self, job_id: str, dest_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
+    def fetch_latest(
+        self,
+        job_id: str,
+        dest_dir: str | os.PathLike[str],
+        progress: Callable[[int], None] | None = None,
+    ) -> CheckpointInfo | None:
         """Fetch the newest good checkpoint, falling back past damaged ones; None if none is left.
 
+        ``progress`` follows each attempt as in fetch (a fallback starts its count again at 0).
         StoreError other than CheckpointUnusable (the store is unreachable) propagates: starting
         afresh then would throw work away.
         """
@@ -1426,7 +1432,7 @@ class Store:
             if cid in bad:
                 continue
             try:
-                return self._fetch(job, cid, dest_dir, None, check_bad=False)
+                return self._fetch(job, cid, dest_dir, progress, check_bad=False)
             except CheckpointUnusable as e:
                 log.warning("checkpoint %s/%s unusable, trying the previous one: %s", job, cid, e)
         return None

@@ -426,8 +426,10 @@ def test_damage_found_by_fetch_latest_falls_back(repo: Repo, tmp_path: Path) -> 
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "keep-me").write_bytes(b"caller's file")
-    assert st.fetch_latest(JOB, dest).checkpoint_id == a.checkpoint_id
+    totals: list[int] = []
+    assert st.fetch_latest(JOB, dest, progress=totals.append).checkpoint_id == a.checkpoint_id
     assert read_tree(dest) == {**sample_files(1), "keep-me": (b"caller's file", 0o644)}
+    assert totals[-1] == a.size  # each attempt reports; the fallback's count starts again
     assert {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}[b.checkpoint_id] == "bad"
 
 
