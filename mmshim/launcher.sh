@@ -61,6 +61,6 @@ case $cmd in
         [ -r "$bundle/config.json" ] || slow "$@"
         grep -q -e AWS_BATCH_JOB_ID= -e MMSHIM_JOB_ID= "$bundle/config.json" && slow "$@"
         ;;
-    start) [ -e "$root/$id/mmshim.json" ] && slow "$@" ;;
+    start) [ -e "$root/$id/mmshim.restored" ] && slow "$@" ;;
 esac
 exec "$runc" "$@"

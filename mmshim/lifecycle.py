@@ -1,16 +1,25 @@
 """The create/start/delete interception: the one place where mmshim decides to differ from runc.
 
 Each runc call is one process phase, as in containerd's runc shim: `create` reads the bundle once
-and decides (plain create, or restore in its place); `start` is a no-op after a restore; `delete`
-cleans up. Everything that is not a protected Batch job ends in an exec of runc.
+and decides (plain create, or restore in its place) and starts the watcher; `start` is a no-op
+after a restore; `delete` passes through (the watcher sees the container go by itself).
+
+Attempt 1 of a protected job is the common case and must cost almost nothing: it uses only the
+standard library, no store and no config file (the watcher, detached, does the rest). Only a
+retry, which may restore, pays for boto3 and the engine.
 """
 
 import json
 import os
+import sys
+import time
 
 from mmshim.runtime import Invocation, exec_runc, report_error
 
-STATE_FILE = "mmshim.json"  # kept in runc's own state dir <root>/<id>/, so `runc delete` removes it
+# Kept in runc's own state dir <root>/<id>/, so `runc delete` removes them with the container.
+STATE_FILE = "mmshim.json"  # for the watcher: job, attempt, progress carried by a restore
+RESTORED_MARK = "mmshim.restored"  # exists only after a restore: `start` must then do nothing
+FALSE = ("0", "false", "no", "off")
 
 
 class Bundle:
@@ -43,121 +52,116 @@ class Bundle:
         return bool((self.spec.get("process") or {}).get("terminal"))
 
 
-def state_path(inv: Invocation) -> str:
-    return os.path.join(inv.root, str(inv.container_id), STATE_FILE)
+def state_dir(inv: Invocation) -> str:
+    return os.path.join(inv.root, str(inv.container_id))
 
 
 def create(inv: Invocation, runc: str) -> None:
     bundle = Bundle.load(inv.bundle)  # an unreadable config.json is reported here, clearly, not by runc
     env = bundle.env
-    if "AWS_BATCH_JOB_ID" in env or "MMSHIM_JOB_ID" in env:
+    job_id = env.get("AWS_BATCH_JOB_ID") or env.get("MMSHIM_JOB_ID")
+    if not job_id or env.get("MMSHIM_PROTECT", "1").lower() in FALSE or bundle.terminal:
+        exec_runc(runc, inv.argv)  # a TTY container is not checkpointable with inherited stdio
+    try:
+        attempt = int(env.get("AWS_BATCH_JOB_ATTEMPT") or env.get("MMSHIM_JOB_ATTEMPT") or 1)
+    except ValueError:
+        attempt = 1
+    state = {"job_id": job_id, "attempt": attempt, "restored": None, "progress_base": 0.0}
+    if attempt > 1:  # attempt 1 cannot have a checkpoint: no store lookup
         try:
-            protected_create(inv, runc, bundle)
+            state.update(restore_in_place(inv, runc, bundle))
         except Exception as exc:  # never fail a job that runc alone would run
-            report_error(inv, f"protection disabled for this container: {type(exc).__name__}: {exc}")
-    exec_runc(runc, inv.argv)
+            report_error(inv, f"restore skipped: {type(exc).__name__}: {exc}")
+    if not state["restored"]:
+        status = spawn_wait([runc, *inv.argv])
+        if status != 0:
+            raise SystemExit(status)
+    try:
+        os.makedirs(state_dir(inv), exist_ok=True)
+        with open(os.path.join(state_dir(inv), STATE_FILE), "w") as f:
+            json.dump({**state, "started": time.time()}, f)
+        start_watcher(inv, runc)
+    except OSError as exc:  # the container runs; only its protection is lost
+        report_error(inv, f"watcher not started, container not protected: {exc}")
+    raise SystemExit(0)
 
 
-def protected_create(inv: Invocation, runc: str, bundle: Bundle) -> None:
-    """Restore in place of create when the job has a checkpoint, then start the watcher.
+def spawn_wait(argv: list[str]) -> int:
+    """Run runc with every fd inherited (stdio, --preserve-fds); posix_spawn: no subprocess import."""
+    pid = os.posix_spawn(argv[0], argv, os.environ)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
-    Returns only to fall back to a plain exec of runc; every problem of mmshim's own ends there,
-    loudly logged, so that the job runs as it would have without mmshim.
+
+def start_watcher(inv: Invocation, runc: str) -> None:
+    """Detached: own session, stdio on /dev/null (it closes every other inherited fd itself)."""
+    devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "mmshim.watcher",
+        "--runc",
+        runc,
+        "--root",
+        inv.root,
+        "--bundle",
+        inv.bundle,
+        "--global-argv",
+        json.dumps(inv.global_argv),
+        str(inv.container_id),
+    ]
+    os.posix_spawn(sys.executable, argv, os.environ, file_actions=devnull, setsid=True)
+
+
+def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
+    """A retry: restore the job's newest good checkpoint in place of `runc create`.
+
+    Returns what the state file records: `restored` is the checkpoint id, or None when there was
+    nothing to restore or the restore failed (then the caller runs a plain create; why is logged
+    and kept in the job's events).
     """
-    import logging
     import site
-    import subprocess
-    import sys
-    import time
 
-    site.main()  # the runtime starts with -IS; only protected jobs need site-packages
+    site.main()  # the runtime starts with -IS; a restore needs site-packages (boto3, zstandard)
+    import logging
+
     from mmshim import config, engine, events, store
 
-    try:
-        job = config.job_from_env(bundle.env, config.load_settings())
-    except ValueError as exc:
-        sys.stderr.write(f"mmshim: not protecting this container: {exc}\n")
-        return
+    job = config.job_from_env(bundle.env, config.load_settings())
     if job is None or not job.settings.protect:
-        return
+        return {"restored": None}
     cid = str(inv.container_id)
     events.setup_logging(job, cid, "runtime")
     log = logging.getLogger("mmshim.lifecycle")
-    if bundle.terminal:
-        log.warning("container has a TTY: not checkpointed")
-        return
+    rec = events.Recorder(job, cid, None)
+    rec.emit("restore.attempted")
+    t0 = time.monotonic()
     try:
         st = store.open_store(job.settings.store, **job.settings.store_options)
+        rec.store = st
+        r = engine.Runc(runc, inv.global_argv, inv.root)
+        info = engine.restore(r, cid, inv.bundle, inv.pid_file, bundle.spec, st, job.job_id, job.settings)
     except Exception as exc:
-        log.error("store %s unavailable: %s", job.settings.store, exc)
-        st = None
-    rec = events.Recorder(job, cid, st)
-    r = engine.Runc(runc, inv.global_argv, inv.root)
-    restored = None
-    if job.attempt > 1:  # attempt 1 cannot have a checkpoint: no store lookup
-        rec.emit("restore.attempted")
-        t0 = time.monotonic()
-        try:
-            if st is None:
-                raise engine.EngineError(f"store {job.settings.store} unavailable")
-            restored = engine.restore(
-                r, cid, inv.bundle, inv.pid_file, bundle.spec, st, job.job_id, job.settings
-            )
-            if restored is None:
-                rec.emit("restore.fallback", reason="no good checkpoint in the store")
-        except Exception as exc:
-            log.exception("restore failed; starting fresh")
-            rec.emit("restore.fallback", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
-        if restored is not None:
-            rec.emit(
-                "restore.succeeded",
-                checkpoint_id=restored.checkpoint_id,
-                duration_s=time.monotonic() - t0,
-                progress_s=restored.meta.get("progress_s", 0),
-            )
-    if restored is None:
-        proc = subprocess.run([runc, *inv.argv], close_fds=False)
-        if proc.returncode != 0:
-            sys.exit(proc.returncode)
-        rec.emit("start")
-    state = {
-        "restored": restored is not None,
-        "job_id": job.job_id,
-        "attempt": job.attempt,
-        "progress_base": restored.meta.get("progress_s", 0) if restored else 0,
-        "started": time.time(),
-    }
-    with open(state_path(inv), "w") as f:
-        json.dump(state, f)
-    subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mmshim.watcher",
-            "--runc",
-            runc,
-            "--root",
-            inv.root,
-            "--bundle",
-            inv.bundle,
-            "--global-argv",
-            json.dumps(inv.global_argv),
-            cid,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        close_fds=True,
-        start_new_session=True,
+        log.exception("restore failed; starting fresh")
+        rec.emit("restore.fallback", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
+        return {"restored": None}
+    if info is None:
+        rec.emit("restore.fallback", reason="no good checkpoint in the store")
+        return {"restored": None}
+    progress = info.meta.get("progress_s", 0.0)
+    rec.emit(
+        "restore.succeeded",
+        checkpoint_id=info.checkpoint_id,
+        duration_s=time.monotonic() - t0,
+        progress_s=progress,
     )
-    sys.exit(0)
+    with open(os.path.join(state_dir(inv), RESTORED_MARK), "w") as f:
+        f.write(info.checkpoint_id)
+    return {"restored": info.checkpoint_id, "progress_base": progress}
 
 
 def start(inv: Invocation, runc: str) -> None:
-    if os.path.exists(state_path(inv)):
-        with open(state_path(inv)) as f:
-            if json.load(f).get("restored"):
-                return  # the process was restored at create and is already running
+    if os.path.exists(os.path.join(state_dir(inv), RESTORED_MARK)):
+        return  # the process was restored at create and is already running
     exec_runc(runc, inv.argv)
 
 

@@ -53,13 +53,19 @@ def exit_code(docker_host: str, container_id: str) -> int | None:
         return None
 
 
+class NotProtected(Exception):
+    """Protection is off in the host's config: the runtime does not read it, to stay cheap."""
+
+
 class Watcher:
     def __init__(self, args: argparse.Namespace) -> None:
         self.cid = args.container_id
         bundle = Bundle.load(args.bundle)
-        self.job = config.job_from_env(bundle.env, config.load_settings())
-        assert self.job is not None
-        self.settings = self.job.settings
+        job = config.job_from_env(bundle.env, config.load_settings())
+        if job is None or not job.settings.protect:
+            raise NotProtected
+        self.job = job
+        self.settings = job.settings
         events.setup_logging(self.job, self.cid, "watcher")
         self.runc = engine.Runc(args.runc, json.loads(args.global_argv), args.root)
         with open(os.path.join(args.root, self.cid, STATE_FILE)) as f:
@@ -76,6 +82,8 @@ class Watcher:
             lifecycle=info.get("instance-life-cycle"),
         )
         self.instance = info
+        if not self.state.get("restored"):
+            self.rec.emit("start")
 
     def checkpoint(self, trigger: str) -> None:
         self.rec.emit("checkpoint.started", trigger=trigger)
@@ -170,8 +178,11 @@ def main() -> None:
         parser.add_argument(flag, required=True)
     parser.add_argument("container_id")
     args = parser.parse_args()
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # never hold a pipe of the container's open
     try:
         Watcher(args).run()
+    except NotProtected:
+        return
     except Exception:
         logging.getLogger("mmshim.watcher").exception("watcher stopped")
         sys.exit(1)

@@ -226,10 +226,9 @@ def bundle_with_env(tmp_path: Path, *env: str) -> Path:
     ("argv", "env", "python"),
     [
         (["--root", "R", "--log=L", "create", "-b", "B", "--pid-file", "P", "c1"], [], False),
-        (["--root", "R", "create", "--bundle=B", "c1"], ["AWS_BATCH_JOB_ID=j1"], True),
-        (["create", "-b", "B", "c1"], ["MMSHIM_JOB_ID=j1"], True),
+        (["--root", "R", "create", "--bundle=B", "c1"], ["AWS_BATCH_JOB_ID=j1", "MMSHIM_PROTECT=0"], True),
+        (["create", "-b", "B", "c1"], ["MMSHIM_JOB_ID=j1", "MMSHIM_PROTECT=false"], True),
         (["--root", "R", "start", "c1"], [], False),
-        (["--root", "R", "start", "restored"], [], True),
         (["--root", "R", "delete", "--force", "c1"], [], False),
         (["--root", "R", "state", "c1"], [], False),
         (["--future-flag", "state", "c1"], [], True),
@@ -241,13 +240,11 @@ def test_launcher_fast_path(tmp_path: Path, argv: list[str], env: list[str], pyt
     bundle = bundle_with_env(tmp_path, *env)
     root = tmp_path / "root"
     (root / "restored").mkdir(parents=True)
-    (root / "restored" / "mmshim.json").write_text('{"restored": false}')
-    config = tmp_path / "mmshim.toml"
-    config.write_text("protect = false\n")  # a protected job's create then ends in runc, via Python
+    (root / "restored" / "mmshim.restored").write_text("20261127T000000.000Z-abcdef")
     argv = [a.replace("B", str(bundle)) if a.endswith("B") else str(root) if a == "R" else a for a in argv]
     proc = subprocess.Popen(
         [MMSHIM, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "MMSHIM_RUNC": str(fake_runc(tmp_path)), "MMSHIM_CONFIG": str(config)},
+        env={**os.environ, "MMSHIM_RUNC": str(fake_runc(tmp_path))},
     )  # fmt: skip
     out, _ = proc.communicate()
     assert proc.returncode == 42
@@ -275,3 +272,19 @@ def test_launcher_skips_itself_on_path(tmp_path: Path) -> None:
         capture_output=True, text=True, env={**env, "PATH": str(first)},
     )  # fmt: skip
     assert proc.returncode == 1 and "no runc found" in proc.stderr
+
+
+def test_start_after_restore_is_a_noop(tmp_path: Path) -> None:
+    """The process was restored at create and runs already: `start` must not run runc."""
+    root = tmp_path / "root"
+    (root / "c1").mkdir(parents=True)
+    (root / "c1" / "mmshim.restored").write_text("20261127T000000.000Z-abcdef")
+    proc = run_mmshim("--root", str(root), "start", "c1", env={"MMSHIM_RUNC": str(fake_runc(tmp_path))})
+    assert (proc.returncode, proc.stdout) == (0, "")
+    (root / "c1" / "mmshim.restored").unlink()
+    assert (
+        run_mmshim(
+            "--root", str(root), "start", "c1", env={"MMSHIM_RUNC": str(fake_runc(tmp_path))}
+        ).returncode
+        == 42
+    )
