@@ -8,6 +8,7 @@ Alternated pairs, ratios of medians. Needs root and the host set-up.
 """
 
 import os
+import time
 import uuid
 
 from common import TABLE_HEAD, bench_host, pairs, ratio_row, timed
@@ -56,8 +57,11 @@ def main() -> None:
             "-c",
             script,
         ).strip()
+        deadline = time.monotonic() + 120
         while store.latest_good(job) is None:
-            pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("no checkpoint to restore from: see the mmshim log under the state dir")
+            time.sleep(0.2)
         d.run("rm", "-f", first)
         detached = [
             DOCKER,

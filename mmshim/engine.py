@@ -201,14 +201,17 @@ def restore(
     settings: Settings,
     checkpoint_id: str | None = None,
     progress: Callable[[int], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> CheckpointInfo | None:
     """Restore the job's newest good checkpoint in place of `runc create`; None: nothing to restore.
 
     With ``checkpoint_id`` that checkpoint instead (no fallback: the operator chose it; a missing
-    or damaged one raises CheckpointUnusable). ``progress`` follows the fetch (Store.fetch). On
-    any failure the bundle's rootfs and config are put back as they were, so a plain create
-    can follow.
+    or damaged one raises CheckpointUnusable). ``progress`` follows the fetch (Store.fetch);
+    ``timings`` gets the seconds of each phase (fetch_s, apply_s, runc_restore_s). On any failure
+    the bundle's rootfs and config are put back as they were, so a plain create can follow.
     """
+    timings = {} if timings is None else timings
+    t0 = time.monotonic()
     os.makedirs(settings.workdir, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix="restore-", dir=settings.workdir))
     rootfs = rootfs_of(spec, bundle)
@@ -217,6 +220,7 @@ def restore(
     applied = False
     try:
         info = fetch(store, job_id, str(dest), checkpoint_id, progress)
+        timings["fetch_s"] = time.monotonic() - t0
         if info is None:
             return None
         args = (spec.get("process") or {}).get("args")
@@ -241,6 +245,7 @@ def restore(
                 CRIU_CONFIG_ANNOTATION: str(conf),
             }
         config.write_text(json.dumps(restore_spec))
+        timings["apply_s"] = time.monotonic() - t0 - timings["fetch_s"]
         argv = [
             "restore",
             "--detach",
@@ -256,7 +261,9 @@ def restore(
             argv.append("--tcp-established")
         if pid_file:
             argv += ["--pid-file", pid_file]
+        t1 = time.monotonic()
         runc.run(*argv, container_id, inherit_stdio=True)
+        timings["runc_restore_s"] = time.monotonic() - t1
         return info
     except BaseException:
         if applied:

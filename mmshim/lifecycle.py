@@ -9,12 +9,54 @@ standard library, no store and no config file (the watcher, detached, does the r
 retry, which may restore, pays for boto3 and the engine.
 """
 
-import json
+import _json  # the C half of json: `import json` pulls in re, enum and more (10 ms per create)
 import os
 import sys
 import time
 
 from mmshim.runtime import Invocation, exec_runc, report_error
+
+
+class _JsonContext:
+    """What _json's scanner needs; the same defaults as json.loads."""
+
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float, parse_int = float, int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return float(name.lower().replace("infinity", "inf"))
+
+
+def json_loads(text: str) -> object:
+    """json.loads for the create path, without importing json (unless the text is not JSON)."""
+    text = text.strip()
+    try:
+        value, end = _json.make_scanner(_JsonContext())(text, 0)
+        if end == len(text):
+            return value
+    except (StopIteration, SystemError):  # _json raises its errors through json.decoder, not loaded
+        pass
+    import json
+
+    return json.loads(text)  # raises json's own error, with its message
+
+
+def json_dumps(value: object) -> str:
+    """json.dumps of the flat values this module writes (str, int, float, None, list of str)."""
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool | int | float):
+        return repr(value).lower() if isinstance(value, bool) else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json_dumps(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json_dumps(str(k))}: {json_dumps(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__}")
+
 
 # Kept in runc's own state dir <root>/<id>/, so `runc delete` removes them with the container.
 STATE_FILE = "mmshim.json"  # for the watcher: job, attempt, progress carried by a restore
@@ -33,9 +75,9 @@ class Bundle:
     def load(cls, path: str) -> "Bundle":
         config = os.path.join(path, "config.json")
         try:
-            with open(config, "rb") as f:
-                spec = json.load(f)
-        except (OSError, ValueError) as exc:
+            with open(config, encoding="utf-8") as f:
+                spec = json_loads(f.read())
+        except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"cannot read bundle config {config}: {exc}") from exc
         if not isinstance(spec, dict):
             raise ValueError(f"bundle config {config} is not a JSON object")
@@ -79,7 +121,7 @@ def create(inv: Invocation, runc: str) -> None:
     try:
         os.makedirs(state_dir(inv), exist_ok=True)
         with open(os.path.join(state_dir(inv), STATE_FILE), "w") as f:
-            json.dump({**state, "started": time.time()}, f)
+            f.write(json_dumps({**state, "started": time.time()}))
         start_watcher(inv, runc)
     except OSError as exc:  # the container runs; only its protection is lost
         report_error(inv, f"watcher not started, container not protected: {exc}")
@@ -106,7 +148,7 @@ def start_watcher(inv: Invocation, runc: str) -> None:
         "--bundle",
         inv.bundle,
         "--global-argv",
-        json.dumps(inv.global_argv),
+        json_dumps(inv.global_argv),
         str(inv.container_id),
     ]
     os.posix_spawn(sys.executable, argv, os.environ, file_actions=devnull, setsid=True)
@@ -139,7 +181,10 @@ def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
         st = store.open_store(job.settings.store, **job.settings.store_options)
         rec.store = st
         r = engine.Runc(runc, inv.global_argv, inv.root)
-        info = engine.restore(r, cid, inv.bundle, inv.pid_file, bundle.spec, st, job.job_id, job.settings)
+        timings: dict[str, float] = {}
+        info = engine.restore(
+            r, cid, inv.bundle, inv.pid_file, bundle.spec, st, job.job_id, job.settings, timings=timings
+        )
     except Exception as exc:
         log.exception("restore failed; starting fresh")
         rec.emit("restore.fallback", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
@@ -153,6 +198,7 @@ def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
         checkpoint_id=info.checkpoint_id,
         duration_s=time.monotonic() - t0,
         progress_s=progress,
+        **timings,
     )
     with open(os.path.join(state_dir(inv), RESTORED_MARK), "w") as f:
         f.write(info.checkpoint_id)

@@ -25,6 +25,7 @@ from mmshim.lifecycle import STATE_FILE, Bundle
 from mmshim.store import open_store
 
 log = logging.getLogger("mmshim.watcher")
+IDLE_NICE = 10  # the watcher's priority between checkpoints; a checkpoint runs at normal priority
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("container_id")
     args = parser.parse_args()
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # never hold a pipe of the container's open
+    os.setpriority(os.PRIO_PROCESS, 0, IDLE_NICE)  # start-up and polling yield to the job
     try:
         Watcher(args).run()
     except NotProtected:
