@@ -12,7 +12,9 @@
 slow() { MMSHIM_SELF=$0 exec '@RUNTIME@' "$@"; }
 
 runc=${MMSHIM_RUNC-}
-if [ -z "$runc" ]; then
+if [ -n "$runc" ]; then
+    { [ -x "$runc" ] && [ ! -d "$runc" ] && ! [ "$runc" -ef "$0" ]; } || slow "$@"  # Python says why
+else
     [ -e '@CONFIG@' ] && slow "$@"  # runc named in the config file: Python reads TOML
     IFS=:
     for d in ${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}; do

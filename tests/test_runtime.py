@@ -288,3 +288,12 @@ def test_start_after_restore_is_a_noop(tmp_path: Path) -> None:
         ).returncode
         == 42
     )
+
+
+@pytest.mark.parametrize("runc", ["/nonexistent/runc", "/tmp", MMSHIM])
+def test_launcher_checks_mmshim_runc(tmp_path: Path, runc: str) -> None:
+    """A bad $MMSHIM_RUNC reaches the Python runtime, which says what is wrong in runc's log."""
+    log = tmp_path / "log.json"
+    proc = run_mmshim("--log", str(log), "--log-format", "json", "state", "x", env={"MMSHIM_RUNC": runc})
+    assert proc.returncode == 1
+    assert runc in json.loads(log.read_text())["msg"]
