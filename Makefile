@@ -15,3 +15,6 @@ test: setup
 
 bench: setup
 	$(PY) bench/passthrough.py
+	$(PY) bench/protection.py
+	$(PY) bench/checkpoint.py
+	$(PY) bench/viewer.py

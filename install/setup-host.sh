@@ -117,4 +117,5 @@ check() {
 debian_packages
 criu_build
 venv_install
+PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 bash "$REPO/install/setup-browser.sh"  # the viewer's browser tests
 check

@@ -1,0 +1,190 @@
+"""Checkpoint and restore of a large container: mmshim's engine against raw runc/CRIU, same run.
+
+A static test program holds BENCH_MIB MiB (default 2048) of incompressible or compressible memory
+in a container of a private dockerd. Measured, for each kind of memory:
+- time to a committed checkpoint in file:// and in S3 (moto's server on loopback) against
+  `runc checkpoint --leave-running` to a local directory;
+- time the container is frozen (paused) against runc's (CRIU's frozen time);
+- bytes stored by a second checkpoint after the program rewrote 5% of its memory;
+- restore: `docker run` that restores on create (mmshim, file:// store) until the container
+  runs, against `docker start --checkpoint` (runc restore from a local directory) of the same
+  image, both through the same dockerd.
+Prints a table of ratios. Needs root and the host set-up (install/setup-host.sh).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mmshim import engine
+from mmshim.config import Settings
+from mmshim.localdocker import Docker, build_image, start_dockerd, stop_dockerd
+from mmshim.store import open_store
+from tests.services import FAKE_AWS, start_s3, stop_pidfile
+
+MIB = int(os.environ.get("BENCH_MIB", "2048"))
+IMAGE = "mmshim-bench/memhog:1"
+RUNC = shutil.which("runc") or "/usr/sbin/runc"
+SOURCE = Path(__file__).resolve().parent.parent / "tests" / "workloads" / "memhog.c"
+
+
+def wait_output(d: Docker, cid: str, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in d.out("logs", cid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{cid[:12]} never printed {text!r}")
+        time.sleep(0.2)
+
+
+def criu_frozen(work: Path) -> float:
+    import pycriu.images
+
+    with open(work / "stats-dump", "rb") as f:
+        return pycriu.images.load(f)["entries"][0]["dump"]["frozen_time"] / 1e6
+
+
+def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
+    args = ["/bin/memhog", str(MIB), kind]
+    job = f"bench-{kind}"
+    cid = d.out("run", "-d", "--runtime=runc", "--network", "none", IMAGE, *args).strip()
+    r = {}
+    try:
+        wait_output(d, cid, "ready")
+        root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+        runc = engine.Runc(RUNC, ["--root", root], root)
+        raw_dir, raw_work = state / f"raw-{kind}", state / f"raw-{kind}-work"
+        t0 = time.monotonic()
+        runc.run(
+            "checkpoint", "--leave-running", "--image-path", str(raw_dir), "--work-path", str(raw_work), cid
+        )
+        r["raw_checkpoint"] = time.monotonic() - t0
+        r["raw_frozen"] = criu_frozen(raw_work)
+        r["raw_bytes"] = sum(f.stat().st_size for f in raw_dir.iterdir())
+        shutil.rmtree(raw_dir)
+        shutil.rmtree(raw_work)
+        settings = Settings(workdir=str(state / "work"))
+        file_store = open_store(f"file://{state / 'store'}")
+        s3_store = open_store("s3://bench/mmshim", endpoint_url=s3, region="us-east-1")
+        for name, store in (("file", file_store), ("s3", s3_store)):
+            t0 = time.monotonic()
+            info = engine.checkpoint(runc, cid, store, job, {"progress_s": 0.0}, settings)
+            r[f"{name}_checkpoint"] = time.monotonic() - t0
+            r[f"{name}_paused"] = info.meta["timings"]["paused_s"]
+            r[f"{name}_frozen"] = info.meta.get("frozen_s", float("nan"))
+            r[f"{name}_stored"] = info.stored
+        d.run("kill", "-s", "USR1", cid)
+        wait_output(d, cid, "touched 5%")
+        info = engine.checkpoint(runc, cid, file_store, job, {"progress_s": 0.0}, settings)
+        r["second_stored"] = info.stored
+        r.update(restore(d, state, kind, args, job))
+    finally:
+        d.run("rm", "-f", cid, check=False)
+    return r
+
+
+def restore(d: Docker, state: Path, kind: str, args: list[str], job: str) -> dict[str, float]:
+    """Restore through dockerd: mmshim on create (file:// store) vs `docker start --checkpoint`."""
+    r = {}
+    cid = d.out("create", "--runtime=runc", "--network", "none", IMAGE, *args).strip()
+    try:
+        d.out("start", cid)
+        wait_output(d, cid, "ready")
+        d.out("checkpoint", "create", cid, "cp")
+        t0 = time.monotonic()
+        d.out("start", "--checkpoint", "cp", cid)
+        r["raw_restore"] = time.monotonic() - t0
+    finally:
+        d.run("rm", "-f", cid, check=False)
+    t0 = time.monotonic()
+    cid = d.out(
+        "run",
+        "-d",
+        "--runtime=mmshim",
+        "--network",
+        "none",
+        "-e",
+        f"AWS_BATCH_JOB_ID={job}",
+        "-e",
+        "AWS_BATCH_JOB_ATTEMPT=2",
+        "-e",
+        "MMSHIM_INTERVAL=3600",
+        IMAGE,
+        *args,
+    ).strip()
+    r["mmshim_restore"] = time.monotonic() - t0
+    try:
+        events = open_store(f"file://{state / 'store'}").events(job)
+        if not any(e["event"] == "restore.succeeded" for e in events):
+            raise RuntimeError(f"mmshim did not restore: {json.dumps(events[-2:])}")
+    finally:
+        d.run("rm", "-f", cid, check=False)
+    return r
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    rows = ["| memory | what | baseline | mmshim | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        ("checkpoint committed, file:// vs raw runc checkpoint to disk", "raw_checkpoint", "file_checkpoint"),
+        ("checkpoint committed, s3:// (moto) vs raw runc checkpoint", "raw_checkpoint", "s3_checkpoint"),
+        ("container frozen (paused) vs CRIU frozen time of raw", "raw_frozen", "file_paused"),
+        ("CRIU frozen time inside mmshim vs raw", "raw_frozen", "file_frozen"),
+        (
+            "restore until running: mmshim on create vs docker start --checkpoint",
+            "raw_restore",
+            "mmshim_restore",
+        ),
+        ("bytes stored: first checkpoint (file://) vs raw image size", "raw_bytes", "file_stored"),
+        ("bytes stored: second after 5% touched vs first", "file_stored", "second_stored"),
+    ]
+    for kind, r in results.items():
+        for what, base_key, ours_key in lines:
+            base, ours = r[base_key], r[ours_key]
+            unit = (lambda v: f"{v / 2**20:.1f} MiB") if "bytes" in what else (lambda v: f"{v:.2f} s")
+            rows.append(f"| {kind} | {what} | {unit(base)} | {unit(ours)} | {ours / base:.3f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    os.environ.update(FAKE_AWS)
+    state = Path(tempfile.mkdtemp(prefix="mmbc-", dir="/var/tmp"))
+    try:
+        s3 = start_s3(state)
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="bench")
+        config = state / "mmshim.toml"
+        config.write_text(
+            f'store = "file://{state / "store"}"\nworkdir = "{state / "work"}"\n'
+            f'log_dir = "{state / "log"}"\nimds_endpoint = "http://127.0.0.1:9"\n'
+        )
+        memhog = state / "memhog"
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(memhog), str(SOURCE)], check=True)
+        results = {}
+        for kind in ("random", "text"):
+            # A dockerd per kind: dockerd 20.10 refuses a second `start --checkpoint` whose blobs
+            # it already holds ("already exists").
+            docker_state = state / f"docker-{kind}"
+            try:
+                d = Docker(start_dockerd(docker_state, {"MMSHIM_CONFIG": str(config), **FAKE_AWS}))
+                build_image(d, state, IMAGE, {"/bin/memhog": memhog})
+                results[kind] = one_kind(d, state, kind, s3)
+            finally:
+                stop_dockerd(docker_state)
+    finally:
+        stop_pidfile(state / "moto.pid", timeout=10)
+        shutil.rmtree(state, ignore_errors=True)
+    print(f"Checkpoint/restore of a {MIB} MiB-RSS container (2-core VM; compare ratios within this run)\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
