@@ -103,21 +103,7 @@ def restore(d: Docker, state: Path, kind: str, args: list[str], job: str) -> dic
     finally:
         d.run("rm", "-f", cid, check=False)
     t0 = time.monotonic()
-    cid = d.out(
-        "run",
-        "-d",
-        "--runtime=mmshim",
-        "--network",
-        "none",
-        "-e",
-        f"AWS_BATCH_JOB_ID={job}",
-        "-e",
-        "AWS_BATCH_JOB_ATTEMPT=2",
-        "-e",
-        "MMSHIM_INTERVAL=3600",
-        IMAGE,
-        *args,
-    ).strip()
+    cid = d.run_job(job, 2, args, {"MMSHIM_INTERVAL": "3600"}, IMAGE)
     r["mmshim_restore"] = time.monotonic() - t0
     try:
         events = open_store(f"file://{state / 'store'}").events(job)

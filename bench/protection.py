@@ -42,21 +42,7 @@ def main() -> None:
         store = open_store(f"file://{state / 'store'}")
         script = workload(100000, 0.2)
         job = "bench-restore"
-        first = d.out(
-            "run",
-            "-d",
-            "--runtime=mmshim",
-            "--network",
-            "none",
-            "-e",
-            f"AWS_BATCH_JOB_ID={job}",
-            "-e",
-            "MMSHIM_INTERVAL=1",
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ).strip()
+        first = d.run_job(job, 1, ["sh", "-c", script], {"MMSHIM_INTERVAL": "1"})
         deadline = time.monotonic() + 120
         while store.latest_good(job) is None:
             if time.monotonic() > deadline:

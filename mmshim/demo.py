@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mmshim.imds_emulator import Emulator
-from mmshim.localdocker import IMAGE, Docker, build_image, start_dockerd, stop_dockerd
+from mmshim.localdocker import Docker, build_image, start_dockerd, stop_dockerd
 from mmshim.store import Store, open_store
 
 
@@ -88,23 +88,7 @@ def run(state: Path, steps: int, period: float, interval: float) -> int:
         script = workload(steps, period)
 
         def attempt(n: int) -> str:
-            return docker.out(
-                "run",
-                "-d",
-                "--runtime=mmshim",
-                "--network",
-                "none",
-                "-e",
-                f"AWS_BATCH_JOB_ID={job}",
-                "-e",
-                f"AWS_BATCH_JOB_ATTEMPT={n}",
-                "-e",
-                f"MMSHIM_INTERVAL={interval}",
-                IMAGE,
-                "sh",
-                "-c",
-                script,
-            ).strip()
+            return docker.run_job(job, n, ["sh", "-c", script], {"MMSHIM_INTERVAL": str(interval)})
 
         t0 = time.monotonic()
         print(f"[demo] attempt 1 of job {job}: {steps} steps of {period}s, checkpoint every {interval}s")

@@ -24,12 +24,8 @@ def store(services_env: dict[str, str], s3_server: str) -> Store:
     return open_store(cfg["store"], **cfg["store_options"])
 
 
-def run_job(docker: Docker, job_id: str, attempt: int, *extra: str, script: str = JOB) -> str:
-    return docker.out(
-        "run", "-d", "--runtime=mmshim", "--network", "none",
-        "-e", f"AWS_BATCH_JOB_ID={job_id}", "-e", f"AWS_BATCH_JOB_ATTEMPT={attempt}", *extra,
-        IMAGE, "sh", "-c", script,
-    ).strip()  # fmt: skip
+def run_job(docker: Docker, job_id: str, attempt: int, script: str = JOB, **env: str) -> str:
+    return docker.run_job(job_id, attempt, ["sh", "-c", script], env)
 
 
 def wait_for(check, what: str, timeout: float = 90) -> object:
@@ -53,13 +49,13 @@ def finish(docker: Docker, cid: str) -> tuple[int, str]:
 
 def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store) -> None:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=2")
+    first = run_job(docker, job, 1, MMSHIM_INTERVAL="2")
     wait_for(lambda: store.latest_good(job), "an interval checkpoint")
     docker.run("rm", "-f", first)  # the host is reclaimed
     wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
     assert store.latest_good(job) is not None  # a failed attempt keeps its checkpoints
 
-    second = run_job(docker, job, 2, "-e", "MMSHIM_INTERVAL=600")
+    second = run_job(docker, job, 2, MMSHIM_INTERVAL="600")
     code, out = finish(docker, second)
     assert code == 0, out
     assert out.splitlines()[-2:] == expected(40)  # resumed, not restarted
@@ -90,7 +86,7 @@ def test_spot_notice_takes_final_checkpoint(
 
 def test_store_down_on_retry_starts_fresh(docker: Docker, store: Store) -> None:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    cid = run_job(docker, job, 2, "-e", "MMSHIM_INTERVAL=600", script="echo fresh $AWS_BATCH_JOB_ATTEMPT")
+    cid = run_job(docker, job, 2, MMSHIM_INTERVAL="600", script="echo fresh $AWS_BATCH_JOB_ATTEMPT")
     code, out = finish(docker, cid)
     assert (code, out) == (0, "fresh 2\n")  # nothing to restore: a normal start
     assert "restore.fallback" in events(store, job)
@@ -98,9 +94,7 @@ def test_store_down_on_retry_starts_fresh(docker: Docker, store: Store) -> None:
 
 def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> None:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    cid = run_job(
-        docker, job, 1, "-e", "MMSHIM_PROTECT=0", "-e", "MMSHIM_INTERVAL=1", script="sleep 3; echo ok"
-    )
+    cid = run_job(docker, job, 1, MMSHIM_PROTECT="0", MMSHIM_INTERVAL="1", script="sleep 3; echo ok")
     assert finish(docker, cid) == (0, "ok\n")
     assert store.events(job) == [] and store.checkpoints(job) == []
 
@@ -121,10 +115,10 @@ def test_store_down_at_create_starts_fresh(docker: Docker) -> None:
 
 def test_array_child_job(docker: Docker, store: Store) -> None:
     job = f"{uuid.uuid4()}:7"  # array children are <parent-id>:<index>
-    first = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=2", "-e", "AWS_BATCH_JOB_ARRAY_INDEX=7")
+    first = run_job(docker, job, 1, MMSHIM_INTERVAL="2", AWS_BATCH_JOB_ARRAY_INDEX="7")
     wait_for(lambda: store.latest_good(job), "a checkpoint of the array child")
     docker.run("rm", "-f", first)
-    code, out = finish(docker, run_job(docker, job, 2, "-e", "AWS_BATCH_JOB_ARRAY_INDEX=7"))
+    code, out = finish(docker, run_job(docker, job, 2, AWS_BATCH_JOB_ARRAY_INDEX="7"))
     assert code == 0 and out.splitlines()[-1] == "started by attempt 1"
 
 
@@ -134,7 +128,7 @@ def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_serve
     from tests.services import E2E_BUCKET
 
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=1.5")
+    first = run_job(docker, job, 1, MMSHIM_INTERVAL="1.5")
     wait_for(lambda: len([c for c in store.checkpoints(job) if c.state == "good"]) >= 2, "two checkpoints")
     docker.run("rm", "-f", first)
     wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
@@ -151,7 +145,7 @@ def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_serve
 
 def test_failed_job_keeps_checkpoints(docker: Docker, store: Store) -> None:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    cid = run_job(docker, job, 1, "-e", "MMSHIM_INTERVAL=1", script="sleep 4; exit 1")
+    cid = run_job(docker, job, 1, MMSHIM_INTERVAL="1", script="sleep 4; exit 1")
     assert finish(docker, cid)[0] == 1
     wait_for(lambda: "exit" in events(store, job), "the exit event")
     exits = [e for e in store.events(job) if e["event"] == "exit"]
