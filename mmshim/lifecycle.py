@@ -135,12 +135,12 @@ def spawn_wait(argv: list[str]) -> int:
 
 
 def start_watcher(inv: Invocation, runc: str) -> None:
-    """Detached: own session, stdio on /dev/null (it closes every other inherited fd itself)."""
+    """Detached: own session, stdio on /dev/null; `watcher_main` below closes every other fd."""
     devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     argv = [
         sys.executable,
         "-m",
-        "mmshim.watcher",
+        "mmshim.lifecycle",
         "--runc",
         runc,
         "--root",
@@ -152,6 +152,22 @@ def start_watcher(inv: Invocation, runc: str) -> None:
         str(inv.container_id),
     ]
     os.posix_spawn(sys.executable, argv, os.environ, file_actions=devnull, setsid=True)
+
+
+WATCHER_NICE = 10  # the watcher's priority between checkpoints (it checkpoints at normal priority)
+WATCHER_DELAY = 1.0  # seconds before the watcher loads its modules: container start-up comes first
+
+
+def watcher_main() -> None:
+    """The detached watcher's first steps, before any heavy import: let go of every inherited fd
+    (the container's output ends only when no process holds its pipes), step back in priority,
+    and let the container's start-up have the CPU; then run mmshim.watcher."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.setpriority(os.PRIO_PROCESS, 0, WATCHER_NICE)
+    time.sleep(WATCHER_DELAY)
+    from mmshim import watcher
+
+    watcher.main()
 
 
 def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
@@ -220,3 +236,7 @@ HANDLERS = {"create": create, "start": start, "delete": delete}
 
 def dispatch(inv: Invocation, runc: str) -> None:
     HANDLERS[str(inv.command)](inv, runc)
+
+
+if __name__ == "__main__":
+    watcher_main()

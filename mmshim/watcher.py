@@ -1,5 +1,7 @@
 """The watcher: one detached process per protected container, gone when the container is gone.
 
+Started by mmshim.lifecycle (which detaches it and lets go of the container's fds first).
+
 It takes interval checkpoints (the first one interval after start, so short jobs never pay for
 one), a final checkpoint at once on a Spot interruption notice (and on a rebalance
 recommendation), and on exit deletes the job's checkpoints if the job succeeded. Nothing it
@@ -21,11 +23,10 @@ import sys
 import time
 
 from mmshim import config, engine, events, imds
-from mmshim.lifecycle import STATE_FILE, Bundle
+from mmshim.lifecycle import STATE_FILE, WATCHER_NICE, Bundle
 from mmshim.store import open_store
 
 log = logging.getLogger("mmshim.watcher")
-IDLE_NICE = 10  # the watcher's priority between checkpoints; a checkpoint runs at normal priority
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -100,9 +101,13 @@ class Watcher:
         try:
             with open(os.path.join(self.settings.workdir, "checkpoint.lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one checkpoint at a time on this host
-                info = engine.checkpoint(
-                    self.runc, self.cid, self.store, self.job.job_id, meta, self.settings
-                )
+                os.setpriority(os.PRIO_PROCESS, 0, 0)  # the freeze must be short: full priority
+                try:
+                    info = engine.checkpoint(
+                        self.runc, self.cid, self.store, self.job.job_id, meta, self.settings
+                    )
+                finally:
+                    os.setpriority(os.PRIO_PROCESS, 0, WATCHER_NICE)
             if not self.settings.diagnosis:
                 self.store.retain(self.job.job_id, self.settings.keep)
         except Exception as exc:
@@ -179,8 +184,6 @@ def main() -> None:
         parser.add_argument(flag, required=True)
     parser.add_argument("container_id")
     args = parser.parse_args()
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # never hold a pipe of the container's open
-    os.setpriority(os.PRIO_PROCESS, 0, IDLE_NICE)  # start-up and polling yield to the job
     try:
         Watcher(args).run()
     except NotProtected:

@@ -24,8 +24,15 @@ def store(services_env: dict[str, str], s3_server: str) -> Store:
     return open_store(cfg["store"], **cfg["store_options"])
 
 
-def run_job(docker: Docker, job_id: str, attempt: int, script: str = JOB, **env: str) -> str:
-    return docker.run_job(job_id, attempt, ["sh", "-c", script], env)
+def run_job(
+    docker: Docker,
+    job_id: str,
+    attempt: int,
+    script: str = JOB,
+    docker_args: tuple[str, ...] = (),
+    **env: str,
+) -> str:
+    return docker.run_job(job_id, attempt, ["sh", "-c", script], env, docker_args=docker_args)
 
 
 def wait_for(check, what: str, timeout: float = 90) -> object:
@@ -62,6 +69,17 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store)
     names = events(store, job)
     assert "restore.succeeded" in names and "restore.fallback" not in names
     wait_for(lambda: not store.checkpoints(job), "checkpoints to be deleted after success")
+
+
+def test_shm_bind_mount_travels_with_the_checkpoint(docker: Docker, store: Store) -> None:
+    """With --ipc shareable, /dev/shm is a host bind mount: mmshim carries its contents itself."""
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    first = run_job(docker, job, 1, docker_args=("--ipc", "shareable"), MMSHIM_INTERVAL="2")
+    info = wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    assert info.meta["mounts"] == ["/dev/shm"]
+    docker.run("rm", "-f", first)
+    code, out = finish(docker, run_job(docker, job, 2, docker_args=("--ipc", "shareable")))
+    assert code == 0 and out.splitlines()[-2:] == expected(40)  # the count in /dev/shm came back
 
 
 def test_spot_notice_takes_final_checkpoint(

@@ -1,0 +1,95 @@
+"""The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers."""
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mmshim import engine, layer
+from mmshim.config import Settings
+from mmshim.localdocker import IMAGE, Docker, build_image
+from mmshim.store import open_store
+
+pytestmark = pytest.mark.integration
+MEMHOG_IMAGE = "mmshim-test/memhog:1"
+MEMHOG = Path(__file__).resolve().parent.parent / "workloads" / "memhog.c"
+
+
+@pytest.fixture(scope="module")
+def memhog_image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> str:
+    tmp = tmp_path_factory.mktemp("memhog")
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(tmp / "memhog"), str(MEMHOG)], check=True)
+    build_image(docker, tmp, MEMHOG_IMAGE, {"/bin/memhog": tmp / "memhog"})
+    return MEMHOG_IMAGE
+
+
+def runc_of(docker: Docker) -> engine.Runc:
+    root = str(Path(docker.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+    return engine.Runc("/usr/sbin/runc", ["--root", root], root)
+
+
+def wait_logs(docker: Docker, cid: str, text: str) -> None:
+    for _ in range(300):
+        if text in docker.out("logs", cid):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{cid[:12]} never printed {text!r}")
+
+
+def test_second_checkpoint_stores_only_what_changed(
+    docker: Docker, memhog_image: str, tmp_path: Path
+) -> None:
+    cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "48", "random").strip()
+    try:
+        wait_logs(docker, cid, "ready")
+        store = open_store(f"file://{tmp_path / 'store'}")
+        settings = Settings(workdir=str(tmp_path / "work"))
+        first = engine.checkpoint(runc_of(docker), cid, store, "dedup", {}, settings)
+        docker.run("kill", "-s", "USR1", cid)  # the program rewrites 5% of its memory
+        wait_logs(docker, cid, "touched 5%")
+        second = engine.checkpoint(runc_of(docker), cid, store, "dedup", {}, settings)
+        assert first.stored > 48 << 20  # random memory: all of it stored once
+        assert second.stored < first.stored * 0.2
+        assert second.meta["frozen_s"] > 0 and second.meta["pages_written"] > 0  # CRIU's own stats
+    finally:
+        docker.run("rm", "-f", cid, check=False)
+
+
+def test_mount_over_its_cap_refuses_the_checkpoint(docker: Docker, tmp_path: Path) -> None:
+    script = "head -c 2000000 /dev/urandom > /dev/shm/big; echo ready; sleep 600"
+    # --ipc shareable: /dev/shm is a bind of a host tmpfs, which CRIU does not carry (with Docker's
+    # default private IPC it is a tmpfs inside the container, and CRIU dumps it itself).
+    cid = docker.out(
+        "run", "-d", "--network", "none", "--ipc", "shareable", IMAGE, "sh", "-c", script
+    ).strip()
+    try:
+        wait_logs(docker, cid, "ready")
+        store = open_store(f"file://{tmp_path / 'store'}")
+        runc = runc_of(docker)
+        good = engine.checkpoint(runc, cid, store, "capped", {}, Settings(workdir=str(tmp_path / "w")))
+        assert good.meta["mounts"] == ["/dev/shm"]
+        with pytest.raises(layer.TooLarge):
+            engine.checkpoint(
+                runc, cid, store, "capped", {}, Settings(workdir=str(tmp_path / "w"), mount_cap=1 << 20)
+            )
+        assert [c.checkpoint_id for c in store.checkpoints("capped")] == [good.checkpoint_id]
+        assert runc.state(cid)["status"] == "running"  # resumed, not left paused
+    finally:
+        docker.run("rm", "-f", cid, check=False)
+
+
+def test_tty_container_is_not_protected(docker: Docker, services_env: dict[str, str], s3_server: str) -> None:
+    import tomllib
+
+    with open(services_env["MMSHIM_TEST_CONFIG"], "rb") as f:
+        cfg = tomllib.load(f)
+    job = f"tty-{uuid.uuid4().hex[:8]}"
+    proc = docker.run(
+        "run", "--rm", "-t", "--runtime=mmshim", "--network", "none", "-e", f"AWS_BATCH_JOB_ID={job}",
+        "-e", "MMSHIM_INTERVAL=1", IMAGE, "sh", "-c", "sleep 2; echo ok",
+    )  # fmt: skip
+    assert proc.stdout.strip() == "ok"
+    store = open_store(cfg["store"], **cfg["store_options"])
+    assert store.events(job) == [] and store.checkpoints(job) == []
