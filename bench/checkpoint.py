@@ -116,7 +116,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
         ("container frozen (paused) vs CRIU frozen time of raw", "raw_frozen", "file_paused"),
         ("CRIU frozen time inside mmshim vs raw", "raw_frozen", "file_frozen"),
         (
-            "restore until running: mmshim on create vs docker start --checkpoint",
+            "restore: fetch + apply + runc restore vs the runc restore (local dir) inside it",
             "raw_restore",
             "mmshim_restore",
         ),

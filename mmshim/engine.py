@@ -7,6 +7,7 @@ resumes as soon as CRIU is done, while compression and upload of the images (whi
 CRIU was still writing them) finish.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,14 @@ from mmshim.store import CheckpointInfo, Store
 
 log = logging.getLogger("mmshim.engine")
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
+UPLOAD_NICE_WHILE_FROZEN = 19
+
+
+def set_priority(nice: int) -> None:
+    """Give every thread of this process the same nice value (Linux keeps one per thread)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
 class EngineError(Exception):
@@ -138,6 +147,9 @@ def checkpoint(
     result: dict = {}
 
     def upload() -> None:
+        # While CRIU dumps, the container is frozen: the upload (hashing, compression, writes) must
+        # not take CPU from CRIU. Its threads inherit this nice value; set_priority restores it.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICE_WHILE_FROZEN)
         try:
             result["info"] = store.save(job_id, stage, meta, done=done, progress=progress, abort=abort)
         except Exception as exc:
@@ -172,6 +184,7 @@ def checkpoint(
         finally:
             runc.run("resume", container_id)
             timings["paused_s"] = time.monotonic() - t0
+            set_priority(os.getpriority(os.PRIO_PROCESS, 0))  # the upload may have the CPU now
         meta.update(criu_stats(work))  # CRIU writes stats-dump to the work dir
         (stage / "logs").mkdir()
         if (work / "dump.log").exists():
