@@ -36,11 +36,11 @@ def expected(steps: int) -> list[str]:
     return [f"done {steps} {steps} {steps}", "started by attempt 1"]
 
 
-def wait_event(store: Store, job: str, name: str, timeout: float = 120) -> dict:
+def wait_event(store: Store, job: str, name: str, attempt: int = 1, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for event in store.events(job):
-            if event["event"] == name:
+            if event["event"] == name and event["attempt"] == attempt:
                 return event
         time.sleep(0.3)
     raise RuntimeError(f"no {name} event within {timeout:.0f} s")
@@ -71,8 +71,7 @@ def timeline(store: Store, job: str) -> str:
     return "\n".join(lines)
 
 
-def run(state: Path, steps: int, period: float, interval: float) -> int:
-    store_dir = state / "store"
+def run(state: Path, steps: int, period: float, interval: float, store_dir: Path) -> int:
     with Emulator(host="127.0.0.1", port=0) as imds:
         config = state / "mmshim.toml"
         config.write_text(
@@ -113,8 +112,8 @@ def run(state: Path, steps: int, period: float, interval: float) -> int:
         code = int(docker.out("wait", second).strip())
         out = docker.out("logs", second)
         took = time.monotonic() - t1
-        restored = wait_event(store, job, "restore.succeeded")
-        wait_event(store, job, "exit")
+        restored = wait_event(store, job, "restore.succeeded", attempt=2)
+        wait_event(store, job, "exit", attempt=2)
         print(f"[demo] attempt 2 exited {code} after {took:.1f}s; its output ends with:")
         print("".join(f"    {line}\n" for line in out.splitlines()[-2:]), end="")
         print("[demo] timeline (from the store's events):")
@@ -134,13 +133,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--period", type=float, default=0.25)
     parser.add_argument("--interval", type=float, default=4.0)
+    parser.add_argument("--keep-store", type=Path, metavar="DIR", help="keep the store here, for the viewer")
     args = parser.parse_args()
     if not shutil.which("dockerd"):
         print("dockerd is missing: run `make demo` (install/setup-host.sh installs it)", file=sys.stderr)
         return 1
     state = Path(tempfile.mkdtemp(prefix="mmdemo-", dir="/tmp"))
+    store_dir = args.keep_store.resolve() if args.keep_store else state / "store"
     try:
-        return run(state, args.steps, args.period, args.interval)
+        code = run(state, args.steps, args.period, args.interval, store_dir)
+        if args.keep_store:
+            print(f"[demo] the store is kept: `mmshimctl --store file://{store_dir} serve` shows the story")
+        return code
     finally:
         stop_dockerd(state / "docker")
         shutil.rmtree(state, ignore_errors=True)
