@@ -19,7 +19,7 @@ die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and writes $PREFIX)"
 
 # ---------------------------------------------------------------- Debian packages
-APT_PKGS=(runc iptables docker.io containerd busybox-static python3-venv python3-dev gcc make
+APT_PKGS=(runc iptables docker.io containerd busybox-static python3-venv python3-dev gcc libc6-dev make
   git ca-certificates curl xz-utils
   libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
   pkgconf protobuf-c-compiler protobuf-compiler python3-protobuf uuid-dev libnftables-dev libaio-dev)
