@@ -93,3 +93,39 @@ def test_tty_container_is_not_protected(docker: Docker, services_env: dict[str, 
     assert proc.stdout.strip() == "ok"
     store = open_store(cfg["store"], **cfg["store_options"])
     assert store.events(job) == [] and store.checkpoints(job) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("failure", ["full work dir", "store down"])
+def test_failed_checkpoint_leaves_job_running_and_previous_checkpoint(
+    docker: Docker, memhog_image: str, tmp_path: Path, small_tmpfs: Path, failure: str
+) -> None:
+    cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "8", "random").strip()
+    try:
+        wait_logs(docker, cid, "ready")
+        runc = runc_of(docker)
+        store = open_store(f"file://{tmp_path / 'store'}")
+        good = engine.checkpoint(runc, cid, store, "fails", {}, Settings(workdir=str(tmp_path / "work")))
+        if failure == "full work dir":  # CRIU's 8 MiB of pages do not fit in 2 MiB
+            bad_store, settings = store, Settings(workdir=str(small_tmpfs))
+        else:
+            bad_store = open_store("s3://b/p", endpoint_url="http://127.0.0.1:1", max_attempts=1)
+            settings = Settings(workdir=str(tmp_path / "work"))
+        with pytest.raises(Exception):  # noqa: B017 - which error depends on where it broke
+            engine.checkpoint(runc, cid, bad_store, "fails", {}, settings)
+        assert runc.state(cid)["status"] == "running"  # resumed, not left paused
+        count = docker.out("logs", "--tail", "1", cid)
+        time.sleep(0.5)
+        assert docker.out("logs", "--tail", "1", cid) != count  # and still counting
+        assert [c.checkpoint_id for c in store.checkpoints("fails")] == [good.checkpoint_id]
+        assert list(small_tmpfs.iterdir()) == []  # no staging left behind
+    finally:
+        docker.run("rm", "-f", cid, check=False)
