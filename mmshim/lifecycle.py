@@ -102,8 +102,11 @@ def create(inv: Invocation, runc: str) -> None:
     bundle = Bundle.load(inv.bundle)  # an unreadable config.json is reported here, clearly, not by runc
     env = bundle.env
     job_id = env.get("AWS_BATCH_JOB_ID") or env.get("MMSHIM_JOB_ID")
-    if not job_id or env.get("MMSHIM_PROTECT", "1").lower() in FALSE or bundle.terminal:
-        exec_runc(runc, inv.argv)  # a TTY container is not checkpointable with inherited stdio
+    if not job_id or env.get("MMSHIM_PROTECT", "1").lower() in FALSE:
+        exec_runc(runc, inv.argv)
+    if bundle.terminal:  # the watcher logs it once and records it in the job's events
+        start_watcher(inv, runc, skip="the container has a TTY, which a restore cannot give back")
+        exec_runc(runc, inv.argv)
     try:
         attempt = int(env.get("AWS_BATCH_JOB_ATTEMPT") or env.get("MMSHIM_JOB_ATTEMPT") or 1)
     except ValueError:
@@ -134,8 +137,10 @@ def spawn_wait(argv: list[str]) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def start_watcher(inv: Invocation, runc: str) -> None:
-    """Detached: own session, stdio on /dev/null; `watcher_main` below closes every other fd."""
+def start_watcher(inv: Invocation, runc: str, skip: str | None = None) -> None:
+    """Detached: own session, stdio on /dev/null; `watcher_main` below closes every other fd.
+
+    With `skip`, the watcher only records why the container is not protected, and ends."""
     devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     argv = [
         sys.executable,
@@ -149,6 +154,7 @@ def start_watcher(inv: Invocation, runc: str) -> None:
         inv.bundle,
         "--global-argv",
         json_dumps(inv.global_argv),
+        *(["--skip", skip] if skip else []),
         str(inv.container_id),
     ]
     os.posix_spawn(sys.executable, argv, os.environ, file_actions=devnull, setsid=True)

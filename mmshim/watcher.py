@@ -69,6 +69,11 @@ class Watcher:
         self.job = job
         self.settings = job.settings
         events.setup_logging(self.job, self.cid, "watcher")
+        if args.skip:
+            log.warning("not protected: %s", args.skip)
+            store = open_store(self.settings.store, **self.settings.store_options)
+            events.Recorder(job, self.cid, store).emit("protection.skipped", reason=args.skip)
+            raise NotProtected
         self.runc = engine.Runc(args.runc, json.loads(args.global_argv), args.root)
         with open(os.path.join(args.root, self.cid, STATE_FILE)) as f:
             self.state = json.load(f)
@@ -182,6 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     for flag in ("--runc", "--root", "--bundle", "--global-argv"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--skip", help="only record why the container is not protected")
     parser.add_argument("container_id")
     args = parser.parse_args()
     try:

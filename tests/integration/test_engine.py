@@ -80,7 +80,9 @@ def test_mount_over_its_cap_refuses_the_checkpoint(docker: Docker, tmp_path: Pat
         docker.run("rm", "-f", cid, check=False)
 
 
-def test_tty_container_is_not_protected(docker: Docker, services_env: dict[str, str], s3_server: str) -> None:
+def test_tty_container_is_not_checkpointed_and_says_why(
+    docker: Docker, services_env: dict[str, str], s3_server: str
+) -> None:
     import tomllib
 
     with open(services_env["MMSHIM_TEST_CONFIG"], "rb") as f:
@@ -92,7 +94,13 @@ def test_tty_container_is_not_protected(docker: Docker, services_env: dict[str, 
     )  # fmt: skip
     assert proc.stdout.strip() == "ok"
     store = open_store(cfg["store"], **cfg["store_options"])
-    assert store.events(job) == [] and store.checkpoints(job) == []
+    for _ in range(100):  # the watcher records why, once, after its start-up delay
+        if store.events(job):
+            break
+        time.sleep(0.1)
+    (event,) = store.events(job)
+    assert event["event"] == "protection.skipped" and "TTY" in event["reason"]
+    assert store.checkpoints(job) == []
 
 
 @pytest.fixture
