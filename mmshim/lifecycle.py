@@ -196,12 +196,15 @@ def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
     cid = str(inv.container_id)
     events.setup_logging(job, cid, "runtime")
     log = logging.getLogger("mmshim.lifecycle")
-    rec = events.Recorder(job, cid, None)
-    rec.emit("restore.attempted")
     t0 = time.monotonic()
     try:
         st = store.open_store(job.settings.store, **job.settings.store_options)
-        rec.store = st
+    except Exception as exc:  # a bad store setting: nothing to record the events in either
+        log.error("store %s unusable (%s): starting fresh", job.settings.store, exc)
+        return {"restored": None}
+    rec = events.Recorder(job, cid, st)
+    rec.emit("restore.attempted")
+    try:
         r = engine.Runc(runc, inv.global_argv, inv.root)
         timings: dict[str, float] = {}
         info = engine.restore(

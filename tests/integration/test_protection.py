@@ -67,7 +67,8 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store)
     assert code == 0, out
     assert out.splitlines()[-2:] == expected(40)  # resumed, not restarted
     names = events(store, job)
-    assert "restore.succeeded" in names and "restore.fallback" not in names
+    assert "restore.fallback" not in names
+    assert names.index("restore.attempted") < names.index("restore.succeeded")
     wait_for(lambda: not store.checkpoints(job), "checkpoints to be deleted after success")
 
 
