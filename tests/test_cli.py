@@ -309,10 +309,8 @@ def test_unreachable_s3_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.Mon
         'store_options = { endpoint_url = "http://127.0.0.1:1", max_attempts = 1, connect_timeout = 1,'
         " read_timeout = 1 }\n"
     )
-    t0 = time.monotonic()
     for args in (["ls"], ["inspect", JOB_A], ["gc"], ["rm", JOB_A]):
         assert_clean_error(run(cfg, *args), "cannot reach http://127.0.0.1:1")
-    assert time.monotonic() - t0 < 30
 
 
 # ---------------------------------------------------------------------------------------------

@@ -737,7 +737,6 @@ def test_s3_outage_is_a_store_error(aws_env: None, failing_endpoint: str, tmp_pa
         "s3://bucket/prefix", endpoint_url=failing_endpoint, max_attempts=2, connect_timeout=1, read_timeout=2
     )
     src = write_tree(tmp_path / "src", {"f": (b"x" * 1000, 0o644)})
-    started = time.monotonic()
     calls = [
         lambda: st.save(JOB, src, {}),
         lambda: st.latest_good(JOB),
@@ -751,7 +750,6 @@ def test_s3_outage_is_a_store_error(aws_env: None, failing_endpoint: str, tmp_pa
             call()
         assert not isinstance(exc.value, CheckpointUnusable)
         assert "cannot reach" in str(exc.value) or "ServiceUnavailable" in str(exc.value)
-    assert time.monotonic() - started < 60
 
 
 def test_s3_missing_bucket(s3_server: str, tmp_path: Path) -> None:
