@@ -7,6 +7,8 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
+from mmshim.lifecycle import job_identity, protection_off
+
 CONFIG_FILE = "/etc/mmshim/config.toml"
 TRUE = ("1", "true", "yes", "on")
 
@@ -62,26 +64,25 @@ def load_settings(path: str | None = None) -> Settings:
 
 
 def job_from_env(env: dict[str, str], settings: Settings) -> Job | None:
-    """AWS_BATCH_JOB_ID names the job (MMSHIM_JOB_ID for local testing); MMSHIM_* override settings."""
-    job_id = env.get("AWS_BATCH_JOB_ID") or env.get("MMSHIM_JOB_ID")
-    if not job_id:
+    """The job and its settings: the host's, overridden by MMSHIM_* in the job's environment."""
+    identity = job_identity(env)
+    if identity is None:
         return None
+    overrides: dict = {}
+    if "MMSHIM_PROTECT" in env:
+        overrides["protect"] = not protection_off(env)
     try:
-        attempt = int(env.get("AWS_BATCH_JOB_ATTEMPT") or env.get("MMSHIM_JOB_ATTEMPT") or 1)
-        overrides: dict = {}
-        if "MMSHIM_PROTECT" in env:
-            overrides["protect"] = env["MMSHIM_PROTECT"].lower() in TRUE
         if "MMSHIM_INTERVAL" in env:
             overrides["interval"] = max(1.0, float(env["MMSHIM_INTERVAL"]))
-        if "MMSHIM_DIAGNOSIS" in env:
-            overrides["diagnosis"] = env["MMSHIM_DIAGNOSIS"].lower() in TRUE
-        if env.get("MMSHIM_TCP") in ("close", "established"):
-            overrides["tcp"] = env["MMSHIM_TCP"]
     except ValueError as exc:
         raise ValueError(f"bad mmshim setting in the job's environment: {exc}") from exc
+    if "MMSHIM_DIAGNOSIS" in env:
+        overrides["diagnosis"] = env["MMSHIM_DIAGNOSIS"].lower() in TRUE
+    if env.get("MMSHIM_TCP") in ("close", "established"):
+        overrides["tcp"] = env["MMSHIM_TCP"]
     return Job(
-        job_id=job_id,
-        attempt=attempt,
+        job_id=identity[0],
+        attempt=identity[1],
         queue=env.get("AWS_BATCH_JQ_NAME"),
         compute_env=env.get("AWS_BATCH_CE_NAME"),
         settings=replace(settings, **overrides),

@@ -98,19 +98,34 @@ def state_dir(inv: Invocation) -> str:
     return os.path.join(inv.root, str(inv.container_id))
 
 
+def job_identity(env: dict[str, str]) -> tuple[str, int] | None:
+    """The Batch job a container runs (MMSHIM_JOB_ID for local testing) and its attempt, or None.
+
+    The one reading of these variables, for the create path and mmshim.config alike; a malformed
+    attempt counts as 1 (a retry that cannot be recognised starts fresh, it never fails)."""
+    job_id = env.get("AWS_BATCH_JOB_ID") or env.get("MMSHIM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        return job_id, int(env.get("AWS_BATCH_JOB_ATTEMPT") or env.get("MMSHIM_JOB_ATTEMPT") or 1)
+    except ValueError:
+        return job_id, 1
+
+
+def protection_off(env: dict[str, str]) -> bool:
+    return env.get("MMSHIM_PROTECT", "1").lower() in FALSE
+
+
 def create(inv: Invocation, runc: str) -> None:
     bundle = Bundle.load(inv.bundle)  # an unreadable config.json is reported here, clearly, not by runc
     env = bundle.env
-    job_id = env.get("AWS_BATCH_JOB_ID") or env.get("MMSHIM_JOB_ID")
-    if not job_id or env.get("MMSHIM_PROTECT", "1").lower() in FALSE:
+    identity = job_identity(env)
+    if identity is None or protection_off(env):
         exec_runc(runc, inv.argv)
     if bundle.terminal:  # the watcher logs it once and records it in the job's events
         start_watcher(inv, runc, skip="the container has a TTY, which a restore cannot give back")
         exec_runc(runc, inv.argv)
-    try:
-        attempt = int(env.get("AWS_BATCH_JOB_ATTEMPT") or env.get("MMSHIM_JOB_ATTEMPT") or 1)
-    except ValueError:
-        attempt = 1
+    job_id, attempt = identity
     state = {"job_id": job_id, "attempt": attempt, "restored": None, "progress_base": 0.0}
     if attempt > 1:  # attempt 1 cannot have a checkpoint: no store lookup
         try:

@@ -41,3 +41,32 @@ def test_dumps_round_trips() -> None:
         "argv": ["--root", "/r"],
     }
     assert json.loads(json_dumps(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("env", "identity", "protected"),
+    [
+        ({}, None, None),
+        ({"AWS_BATCH_JOB_ID": "j", "AWS_BATCH_JOB_ATTEMPT": "3"}, ("j", 3), True),
+        ({"MMSHIM_JOB_ID": "local", "MMSHIM_JOB_ATTEMPT": "2"}, ("local", 2), True),
+        ({"AWS_BATCH_JOB_ID": "j", "AWS_BATCH_JOB_ATTEMPT": "x"}, ("j", 1), True),
+        ({"AWS_BATCH_JOB_ID": "j", "MMSHIM_PROTECT": "off"}, ("j", 1), False),
+        ({"AWS_BATCH_JOB_ID": "j", "MMSHIM_PROTECT": "yes please"}, ("j", 1), True),
+    ],
+)
+def test_create_path_and_settings_read_the_job_alike(
+    env: dict, identity: tuple | None, protected: bool
+) -> None:
+    """The light create path and mmshim.config (the watcher's view) agree on job, attempt, protection."""
+    from mmshim.config import Settings, job_from_env
+    from mmshim.lifecycle import job_identity, protection_off
+
+    assert job_identity(env) == identity
+    job = job_from_env(env, Settings())
+    if identity is None:
+        assert job is None
+        return
+    assert (job.job_id, job.attempt) == identity
+    assert job.settings.protect is protected is (not protection_off(env))
+    if "MMSHIM_PROTECT" in env:  # the job's own setting wins over the host's
+        assert job_from_env(env, Settings(protect=not protected)).settings.protect is protected
