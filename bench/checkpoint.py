@@ -32,14 +32,6 @@ IMAGE = "mmshim-bench/memhog:1"
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 
 
-def wait_output(d: Docker, cid: str, text: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in d.out("logs", cid):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{cid[:12]} never printed {text!r}")
-        time.sleep(0.2)
-
-
 def criu_frozen(work: Path) -> float:
     import pycriu.images
 
@@ -53,7 +45,7 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
     cid = d.out("run", "-d", "--runtime=runc", "--network", "none", IMAGE, *args).strip()
     r = {}
     try:
-        wait_output(d, cid, "ready")
+        d.wait_logs(cid, "ready")
         root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
         runc = engine.Runc(RUNC, ["--root", root], root)
         raw_dir, raw_work = state / f"raw-{kind}", state / f"raw-{kind}-work"
@@ -77,7 +69,7 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
             r[f"{name}_frozen"] = info.meta.get("frozen_s", float("nan"))
             r[f"{name}_stored"] = info.stored
         d.run("kill", "-s", "USR1", cid)
-        wait_output(d, cid, "touched 5%")
+        d.wait_logs(cid, "touched 5%")
         info = engine.checkpoint(runc, cid, file_store, job, {"progress_s": 0.0}, settings)
         r["second_stored"] = info.stored
         r.update(restore(d, state, args, job))

@@ -8,13 +8,12 @@ Alternated pairs, ratios of medians. Needs root and the host set-up.
 """
 
 import os
-import time
 import uuid
 
 from common import TABLE_HEAD, bench_host, pairs, ratio_row, timed
 
 from mmshim.demo import workload
-from mmshim.localdocker import DOCKER, IMAGE
+from mmshim.localdocker import DOCKER, IMAGE, wait_for
 from mmshim.store import open_store
 
 PAIRS = int(os.environ.get("BENCH_PAIRS", "20"))
@@ -43,11 +42,7 @@ def main() -> None:
         script = workload(100000, 0.2)
         job = "bench-restore"
         first = d.run_job(job, 1, ["sh", "-c", script], {"MMSHIM_INTERVAL": "1"})
-        deadline = time.monotonic() + 120
-        while store.latest_good(job) is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError("no checkpoint to restore from: see the mmshim log under the state dir")
-            time.sleep(0.2)
+        wait_for(lambda: store.latest_good(job), "a checkpoint to restore from (mmshim log: state dir)", 120)
         d.run("rm", "-f", first)
         detached = [
             DOCKER,

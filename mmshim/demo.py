@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mmshim.imds_emulator import Emulator
-from mmshim.localdocker import Docker, build_image, start_dockerd, stop_dockerd
+from mmshim.localdocker import Docker, build_image, start_dockerd, stop_dockerd, wait_for
 from mmshim.store import Store, open_store
 
 
@@ -36,14 +36,11 @@ def expected(steps: int) -> list[str]:
     return [f"done {steps} {steps} {steps}", "started by attempt 1"]
 
 
-def wait_event(store: Store, job: str, name: str, attempt: int = 1, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in store.events(job):
-            if event["event"] == name and event["attempt"] == attempt:
-                return event
-        time.sleep(0.3)
-    raise RuntimeError(f"no {name} event within {timeout:.0f} s")
+def wait_event(store: Store, job: str, name: str, attempt: int = 1) -> dict:
+    def found() -> dict | None:
+        return next((e for e in store.events(job) if e["event"] == name and e["attempt"] == attempt), None)
+
+    return wait_for(found, f"the {name} event of attempt {attempt}", 120, 0.3)
 
 
 def timeline(store: Store, job: str) -> str:
@@ -95,11 +92,12 @@ def run(state: Path, steps: int, period: float, interval: float, store_dir: Path
         wait_event(store, job, "checkpoint.committed")
         print("[demo] interval checkpoint committed; sending a Spot interruption notice")
         imds.trigger_spot("terminate")
-        deadline = time.monotonic() + 60
-        while not any(c.meta.get("trigger") == "spot" for c in store.checkpoints(job)):
-            if time.monotonic() > deadline:
-                raise RuntimeError("no final checkpoint after the notice")
-            time.sleep(0.3)
+        wait_for(
+            lambda: any(c.meta.get("trigger") == "spot" for c in store.checkpoints(job)),
+            "the final checkpoint after the notice",
+            60,
+            0.3,
+        )
         ran = time.monotonic() - t0
         docker.run("rm", "-f", first)
         print(f"[demo] final checkpoint committed; host reclaimed after {ran:.1f}s of work")

@@ -11,22 +11,27 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
 MMSHIM = os.environ.get("MMSHIM_BIN", "/usr/local/bin/mmshim")
 IMAGE = "mmshim-test/busybox:1"
+T = TypeVar("T")
 BUSYBOX = "/bin/busybox"
 
 
-def wait_for(check, what: str, timeout: float = 60.0) -> None:
+def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0, interval: float = 0.2) -> T:
+    """Poll until check() is truthy and return its value; the one polling loop of demo, tests, bench."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def start_dockerd(
@@ -123,6 +128,9 @@ class Docker:
 
     def out(self, *args: str) -> str:
         return self.run(*args).stdout
+
+    def wait_logs(self, cid: str, text: str, timeout: float = 300) -> None:
+        wait_for(lambda: text in self.out("logs", cid), f"{cid[:12]} to print {text!r}", timeout)
 
     def run_job(
         self,

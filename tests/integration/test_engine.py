@@ -9,7 +9,7 @@ import pytest
 
 from mmshim import engine, layer
 from mmshim.config import Settings
-from mmshim.localdocker import IMAGE, Docker, build_image
+from mmshim.localdocker import IMAGE, Docker, build_image, wait_for
 from mmshim.store import open_store
 
 pytestmark = pytest.mark.integration
@@ -30,25 +30,17 @@ def runc_of(docker: Docker) -> engine.Runc:
     return engine.Runc("/usr/sbin/runc", ["--root", root], root)
 
 
-def wait_logs(docker: Docker, cid: str, text: str) -> None:
-    for _ in range(300):
-        if text in docker.out("logs", cid):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{cid[:12]} never printed {text!r}")
-
-
 def test_second_checkpoint_stores_only_what_changed(
     docker: Docker, memhog_image: str, tmp_path: Path
 ) -> None:
     cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "48", "random").strip()
     try:
-        wait_logs(docker, cid, "ready")
+        docker.wait_logs(cid, "ready")
         store = open_store(f"file://{tmp_path / 'store'}")
         settings = Settings(workdir=str(tmp_path / "work"))
         first = engine.checkpoint(runc_of(docker), cid, store, "dedup", {}, settings)
         docker.run("kill", "-s", "USR1", cid)  # the program rewrites 5% of its memory
-        wait_logs(docker, cid, "touched 5%")
+        docker.wait_logs(cid, "touched 5%")
         second = engine.checkpoint(runc_of(docker), cid, store, "dedup", {}, settings)
         assert first.stored > 48 << 20  # random memory: all of it stored once
         assert second.stored < first.stored * 0.2
@@ -65,7 +57,7 @@ def test_mount_over_its_cap_refuses_the_checkpoint(docker: Docker, tmp_path: Pat
         "run", "-d", "--network", "none", "--ipc", "shareable", IMAGE, "sh", "-c", script
     ).strip()
     try:
-        wait_logs(docker, cid, "ready")
+        docker.wait_logs(cid, "ready")
         store = open_store(f"file://{tmp_path / 'store'}")
         runc = runc_of(docker)
         good = engine.checkpoint(runc, cid, store, "capped", {}, Settings(workdir=str(tmp_path / "w")))
@@ -94,10 +86,7 @@ def test_tty_container_is_not_checkpointed_and_says_why(
     )  # fmt: skip
     assert proc.stdout.strip() == "ok"
     store = open_store(cfg["store"], **cfg["store_options"])
-    for _ in range(100):  # the watcher records why, once, after its start-up delay
-        if store.events(job):
-            break
-        time.sleep(0.1)
+    wait_for(lambda: store.events(job), "the watcher to record why (after its start-up delay)", 10, 0.1)
     (event,) = store.events(job)
     assert event["event"] == "protection.skipped" and "TTY" in event["reason"]
     assert store.checkpoints(job) == []
@@ -118,7 +107,7 @@ def test_failed_checkpoint_leaves_job_running_and_previous_checkpoint(
 ) -> None:
     cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "8", "random").strip()
     try:
-        wait_logs(docker, cid, "ready")
+        docker.wait_logs(cid, "ready")
         runc = runc_of(docker)
         store = open_store(f"file://{tmp_path / 'store'}")
         good = engine.checkpoint(runc, cid, store, "fails", {}, Settings(workdir=str(tmp_path / "work")))

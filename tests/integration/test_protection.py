@@ -10,6 +10,7 @@ import pytest
 
 from mmshim.demo import expected, workload
 from mmshim.localdocker import IMAGE, Docker
+from mmshim.localdocker import wait_for as poll
 from mmshim.store import Store, open_store
 
 pytestmark = pytest.mark.integration
@@ -36,13 +37,7 @@ def run_job(
 
 
 def wait_for(check, what: str, timeout: float = 90) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return poll(check, what, timeout, 0.3)
 
 
 def events(store: Store, job_id: str) -> list[str]:
