@@ -8,6 +8,7 @@ CRIU was still writing them) finish.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -68,9 +69,7 @@ def bind_sources(spec: dict, paths: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for mount in spec.get("mounts") or []:
         dest = mount.get("destination")
-        if dest in paths and (
-            "bind" in (mount.get("options") or []) or "rbind" in (mount.get("options") or [])
-        ):
+        if dest in paths and {"bind", "rbind"} & set(mount.get("options") or []):
             out[dest] = mount["source"]
     return out
 
@@ -80,7 +79,11 @@ def rootfs_of(spec: dict, bundle: str) -> str:
     return root if os.path.isabs(root) else os.path.join(bundle, root)
 
 
-def versions() -> dict:
+@functools.cache
+def versions(runc: str) -> dict:
+    """Kernel, runc and CRIU versions, for a checkpoint's metadata (once per process: they do not
+    change under a running watcher)."""
+
     def first_line(argv: list[str]) -> str:
         try:
             return subprocess.run(argv, capture_output=True, text=True).stdout.strip().splitlines()[0]
@@ -89,7 +92,7 @@ def versions() -> dict:
 
     return {
         "kernel": platform.release(),
-        "runc": first_line(["runc", "--version"]),
+        "runc": first_line([runc, "--version"]),
         "criu": first_line(["criu", "--version"]),
     }
 
@@ -139,7 +142,7 @@ def checkpoint(
         "container_id": container_id,
         "host": socket.gethostname(),
         "args": (spec.get("process") or {}).get("args"),
-        "versions": versions(),
+        "versions": versions(runc.runc),
     }
     timings: dict[str, float] = {}
     meta["timings"] = timings  # filled in while the upload runs; the manifest is written last
