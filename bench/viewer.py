@@ -2,8 +2,8 @@
 
 Builds the store in a temp dir (on /dev/shm when there is one: the disk is not what is measured),
 then times, in the same run: the baseline ``Store.jobs()`` (one listing, what any aggregation
-needs at least), the overview and jobs API cold (fresh app: every job's events and checkpoints are
-read) and warm (cached digests, within the listing TTL), and a warm refresh after the TTL (only
+needs at least), the overview and jobs API cold (fresh app: every job's digest is read and viewed,
+see mmshim.digest) and warm (cached views, within the listing TTL), and a warm refresh after the TTL (only
 active jobs read again). Prints a table of absolute times and ratios to the baseline (a noisy
 2-core VM: compare ratios). BENCH_JOBS (default 10000) and BENCH_REPEAT (default 15) change the size.
 """

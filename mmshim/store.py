@@ -38,6 +38,11 @@ Repository format (version 1), keys relative to the store root
     chunk, bad manifest) and is never offered again by latest_good/fetch_latest.
 ``jobs/<job>/events/<YYYYmmddTHHMMSS.uuuuuuZ-<6 hex>>.json``
     Small JSON documents: the job's history, in time order.
+``jobs/<job>/digest.json``
+    Derived data (mmshim.digest): the job's events and checkpoints boiled down, so that a viewer
+    reads one object per job. Updated after each event and checkpoint change by read, change,
+    write, read back (a concurrent writer's lost update is redone, up to 3 times); rebuilt from
+    the events and manifests when missing or unreadable. Losing it loses nothing.
 
 Files whose name starts with ``.tmp-`` are a file-store's temp files, never part of the format;
 gc removes old ones.
@@ -78,7 +83,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
+import msgspec
 import zstandard
+
+from mmshim import digest
 
 __all__ = [
     "CheckpointInfo",
@@ -228,6 +236,10 @@ def _manifest_key(job: str, cid: str) -> str:
     return f"jobs/{job}/checkpoints/{cid}.json"
 
 
+def _digest_key(job: str) -> str:
+    return f"jobs/{job}/digest.json"
+
+
 def _bad_key(job: str, cid: str) -> str:
     return f"jobs/{job}/bad/{cid}"
 
@@ -364,7 +376,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -384,20 +396,22 @@ class _FileBackend:
         except OSError as e:
             raise StoreError(f"cannot create store directory {root}: {e}") from e
 
-    def _path(self, key: str) -> Path:
-        parts = key.rstrip("/").split("/")
-        if any(p in ("", ".", "..") for p in parts):  # keys are built from checked ids only
+    def _path(self, key: str) -> str:
+        """A string, not a Path: a viewer's first load makes one per job (pathlib costs 10x more)."""
+        rel = key.rstrip("/")
+        if any(p in ("", ".", "..") for p in rel.split("/")):  # keys are built from checked ids only
             raise StoreError(f"internal error: unsafe key {key!r}")
-        return self.root.joinpath(*parts)
+        return f"{self.root}/{rel}"
 
-    def _error(self, op: str, path: Path, e: OSError) -> StoreError:
+    def _error(self, op: str, path: str, e: OSError) -> StoreError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return StoreError(f"no space left on device while writing {path} (store {self.root})")
         return StoreError(f"cannot {op} {path}: {e.strerror or e}")
 
     def put(self, key: str, data: bytes, *, bulk: bool = False) -> None:
         path = self._path(key)
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
+        parent, name = os.path.split(path)
+        tmp = f"{parent}/{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
         fd = -1
         for attempt in range(3):  # the parent may be missing, or pruned by a concurrent delete
             try:
@@ -407,9 +421,9 @@ class _FileBackend:
                 if attempt == 2:
                     raise self._error("create", tmp, e) from e
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.makedirs(parent, exist_ok=True)
                 except OSError as e2:
-                    raise self._error("create", path.parent, e2) from e2
+                    raise self._error("create", parent, e2) from e2
             except OSError as e:
                 raise self._error("create", tmp, e) from e
         try:
@@ -420,18 +434,19 @@ class _FileBackend:
                 os.close(fd)
             _fault("tmp_written", key=key)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise self._error("write", path, e) from e
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            _fsync_dir(parent)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise self._error("write", path, e) from e
             raise
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
         try:
-            return path.read_bytes()
+            with open(path, "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise _NotFound(f"{path} does not exist") from None
         except OSError as e:
@@ -480,11 +495,11 @@ class _FileBackend:
         parents: set[Path] = set()
         jobs = self.root / "jobs"
         for key in keys:
-            path = self._path(key)
+            path = Path(self._path(key))
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
-                raise self._error("delete", path, e) from e
+                raise self._error("delete", str(path), e) from e
             parents.update(p for p in path.parents if p.is_relative_to(jobs) and p != jobs)
         # Prune emptied job directories so jobs() forgets deleted jobs; chunk dirs stay (saves
         # write into them concurrently and there are only 256).
@@ -1024,6 +1039,8 @@ class Store:
             self._backend.put(_bad_key(job, cid), _json_bytes(doc))
         except StoreError as e:
             log.error("could not mark checkpoint %s/%s bad: %s", job, cid, e)
+            return
+        self._update_digest(job, lambda d: digest.mark_bad(d, cid))
 
     def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
         """All checkpoints of a job, newest first; damaged ones show as "bad" (not marked here)."""
@@ -1153,6 +1170,7 @@ class Store:
         except StoreError as e:  # the checkpoint is complete; the marker only delays gc
             log.warning("checkpoint %s/%s saved, but its in-flight marker stays: %s", job, cid, e)
         info = self._info(job, cid, doc, "good")
+        self._update_digest(job, lambda d: digest.set_checkpoint(d, cid, info))
         log.info(
             "saved checkpoint %s/%s: %d files, %d bytes, %d bytes written in %d new chunks, %.1fs",
             job, cid, len(files), info.size, info.stored, ctx.written, time.monotonic() - t0,
@@ -1448,6 +1466,7 @@ class Store:
         if checkpoint_id is not None:
             cid = _check_checkpoint_id(checkpoint_id)
             self._backend.delete([_manifest_key(job, cid), _bad_key(job, cid), _inflight_key(job, cid)])
+            self._update_digest(job, lambda d: digest.set_checkpoint(d, cid, None))
             return
         self._backend.delete([o.key for o in self._backend.list(_job_prefix(job))])
 
@@ -1476,6 +1495,7 @@ class Store:
                     self._mark_bad(job, cid, str(e))
         if doomed:
             self._backend.delete([k for cid in doomed for k in (_manifest_key(job, cid), _bad_key(job, cid))])
+            self._update_digest(job, lambda d: any([digest.set_checkpoint(d, cid, None) for cid in doomed]))
             log.info("retention for %s (keep %d): deleted %s", job, keep, ", ".join(doomed))
         return doomed
 
@@ -1574,19 +1594,24 @@ class Store:
     # -- events --------------------------------------------------------------------------------
 
     def put_event(self, job_id: str, event: dict[str, Any]) -> None:
-        """Store a small JSON document in the job's history."""
+        """Store a small JSON document in the job's history (and fold it into the job's digest)."""
         job = validate_job_id(job_id)
         if not isinstance(event, dict):
             raise StoreError(f"event must be a dict, not {type(event).__name__}")
         data = _json_bytes(event)
-        self._backend.put(f"jobs/{job}/events/{_new_event_id(self._clock())}.json", data)
+        eid = _new_event_id(self._clock())
+        self._backend.put(f"jobs/{job}/events/{eid}.json", data)
+        self._update_digest(job, lambda d: digest.fold(d, event, eid))
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """The job's events in time order (unreadable ones skipped with a warning)."""
-        job = validate_job_id(job_id)
+        return [ev for _, ev in self._events(validate_job_id(job_id))]
+
+    def _events(self, job: str) -> list[tuple[str, dict[str, Any]]]:
         out = []
         for obj in self._backend.list(f"jobs/{job}/events/"):
-            if not _EVENT_RE.fullmatch(obj.key.rsplit("/", 1)[-1]):
+            name = obj.key.rsplit("/", 1)[-1]
+            if not _EVENT_RE.fullmatch(name):
                 continue
             try:
                 doc = json.loads(self._backend.get(obj.key))
@@ -1596,8 +1621,44 @@ class Store:
                 log.warning("skipping unreadable event %s: %s", obj.key, e)
                 continue
             if isinstance(doc, dict):
-                out.append(doc)
+                out.append((name[:-5], doc))
         return out
+
+    # -- digests -------------------------------------------------------------------------------
+
+    def digest(self, job_id: str) -> dict[str, Any] | None:
+        """The job's digest (mmshim.digest), or None if it has none this code can read."""
+        job = validate_job_id(job_id)
+        try:  # msgspec: a viewer's first load decodes one per job, 2-3x faster than json
+            doc = msgspec.json.decode(self._backend.get(_digest_key(job)))
+        except _NotFound:
+            return None
+        except msgspec.DecodeError as e:
+            log.warning("digest of %s is unreadable: %s", job, e)
+            return None
+        return doc if digest.usable(doc) else None
+
+    def _rebuild_digest(self, job: str) -> dict[str, Any]:
+        pairs = self._events(job)
+        return digest.build((ev for _, ev in pairs), self.checkpoints(job), ids=[i for i, _ in pairs])
+
+    def _update_digest(self, job: str, change: Callable[[dict[str, Any]], bool]) -> None:
+        """Apply `change` (True if it changed the digest) until a read-back shows it applied.
+
+        The event or manifest it reflects is already written, so a digest rebuilt from them
+        holds the change. A failure is logged only: the digest is derived, the data is safe.
+        """
+        try:
+            for _ in range(3):
+                doc = self.digest(job)
+                if doc is None:
+                    doc = self._rebuild_digest(job)
+                elif not change(doc):
+                    return
+                self._backend.put(_digest_key(job), _json_bytes(doc))
+            log.warning("digest of %s still changing under concurrent writers; left as is", job)
+        except StoreError as e:
+            log.warning("digest of %s not updated: %s", job, e)
 
 
 # ---------------------------------------------------------------------------------------------

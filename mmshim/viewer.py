@@ -6,13 +6,15 @@ threaded stdlib-based (werkzeug) server bound to 127.0.0.1 by default. The JSON 
 /api/v1 and is described in docs/viewer-api.md; the page (viewer_static/) is plain HTML/JS with a
 vendored Apache ECharts, so it works offline.
 
-How it stays fast with many jobs: the job listing (``Store.jobs()``) is cached for a short TTL.
-Each job's events and checkpoints are read once and boiled down to a digest (summary row, attempts,
-per-day counters), cached per job. On a listing refresh only jobs that are new, or still active
-(running, restoring, interrupted...) and older than the TTL, are read again, plus a bounded number
-of settled jobs whose digest is older than ``max_age``; jobs gone from the listing are dropped.
-Overview and per-day series are aggregated from the digests and cached until a digest changes.
-A job's page always reads that job afresh.
+How it stays fast with many jobs: the store keeps one digest per job (mmshim.digest: events and
+checkpoints boiled down as they are written), so a first load reads one small object per job, not
+its whole history. Each digest is turned into a view (summary row, attempts, per-day counters,
+priced) and cached per job; the job listing (``Store.jobs()``) is cached for a short TTL. On a
+listing refresh only jobs that are new, or still active (running, restoring, interrupted...) and
+older than the TTL, are read again, plus a bounded number of settled jobs whose view is older than
+``max_age``; jobs gone from the listing are dropped. Overview and per-day series are aggregated
+from the views and cached until a view changes. A job's page always reads that job's events and
+checkpoints themselves.
 
 Statuses derived from events (the last attempt decides): running, restoring, succeeded (exit 0),
 failed (non-zero exit without a Spot notice), interrupted (reclaimed or lost: waiting for Batch to
@@ -25,6 +27,7 @@ import argparse
 import calendar
 import concurrent.futures as cf
 import contextlib
+import gc
 import hashlib
 import hmac
 import io
@@ -38,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,8 @@ import zstandard
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
+from mmshim import digest
+from mmshim.digest import DAY_FIELDS, MAX_FIELDS, day_name
 from mmshim.store import CheckpointInfo, InvalidJobId, Store, StoreError, open_store, validate_job_id
 
 __all__ = ["Viewer", "load_prices", "make_app", "serve", "summarize", "write_sample_store"]
@@ -59,11 +64,11 @@ TOKEN_ENV = "MMSHIM_VIEWER_TOKEN"
 PRICES_ENV = "MMSHIM_VIEWER_PRICES"
 TOKEN_COOKIE = "mmshim_viewer_token"
 DEFAULT_TTL = 10.0  # seconds a store listing is trusted
-DEFAULT_MAX_AGE = 300.0  # seconds before a settled job's digest is read again
+DEFAULT_MAX_AGE = 300.0  # seconds before a settled job's view is read again
 DEFAULT_REFRESH_BUDGET = 500  # settled jobs re-read per listing refresh, at most
 DEFAULT_STALE_AFTER = 6 * 3600.0  # no event for this long and no exit: "stale"
 DEFAULT_BUNDLE_FETCH_LIMIT = 256 * 1024 * 1024  # larger checkpoints are not fetched for their logs
-NOTICE_LEAD = 120.0  # a Spot notice gives two minutes
+ZERO_DAY = dict.fromkeys(DAY_FIELDS, 0.0)
 SETTLED = frozenset({"succeeded", "failed"})
 STATUSES = ("running", "restoring", "interrupted", "stale", "succeeded", "failed", "unknown")
 SORT_KEYS = {
@@ -79,26 +84,6 @@ SORT_KEYS = {
     "cost": lambda s: s["cost_usd"] or 0.0,
     "kept_hours": lambda s: s["kept_vcpu_hours"],
 }
-DAY_FIELDS = (
-    "checkpoints",
-    "ckpt_size",
-    "ckpt_size_max",
-    "ckpt_stored",
-    "ckpt_duration",
-    "ckpt_duration_max",
-    "ckpt_frozen",
-    "ckpt_timed",
-    "ckpt_failed",
-    "restores_attempted",
-    "restores_succeeded",
-    "fallbacks",
-    "spot_notices",
-    "instance_hours",
-    "cost_usd",
-    "on_demand_usd",
-    "kept_usd",
-    "kept_vcpu_hours",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,72 +112,8 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     return {**doc, "path": str(src)}
 
 
-def _rates(prices: dict[str, Any], itype: str | None, lifecycle: str | None, vcpus: float | None):
-    """(rate actually paid, on-demand rate), both $/h scaled by the job's share of the instance."""
-    p = prices["instances"].get(itype or "")
-    if p is None:
-        return None
-    share = 1.0
-    if vcpus and isinstance(p.get("vcpus"), int | float) and p["vcpus"] > 0:
-        share = min(1.0, float(vcpus) / float(p["vcpus"]))
-    od = float(p["on_demand"]) * share
-    paid = float(p["spot"]) * share if lifecycle == "spot" else od
-    return paid, od
-
-
 # ---------------------------------------------------------------------------------------------
 # Digest of one job
-
-
-def _day(t: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(t))
-
-
-def _split_days(start: float, end: float) -> Iterable[tuple[str, float]]:
-    """(UTC day, seconds of [start, end] that fall in it)."""
-    t = start
-    while t < end:
-        next_midnight = (math.floor(t / 86400) + 1) * 86400
-        stop = min(end, next_midnight)
-        yield _day(t), stop - t
-        t = stop
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-@dataclass
-class _Attempt:
-    attempt: int
-    start: float
-    end: float
-    host: str | None = None
-    instance_id: str | None = None
-    instance_type: str | None = None
-    lifecycle: str | None = None
-    queue: str | None = None
-    compute_env: str | None = None
-    vcpus: float | None = None
-    container_ids: list[str] = field(default_factory=list)
-    mode: str = "unknown"  # fresh | restored | fallback | unknown
-    restored_from: str | None = None
-    restore_duration_s: float | None = None
-    progress_s: float | None = None
-    fallback_reason: str | None = None
-    checkpoints: int = 0
-    checkpoints_failed: int = 0
-    spot_notice: float | None = None  # notice time (when the instance goes)
-    spot_action: str | None = None
-    rebalance: float | None = None
-    exit_code: int | None = None
-    outcome: str = "running"  # running | succeeded | failed | reclaimed | lost
-    instance_hours: float = 0.0
-    cost_usd: float | None = None
-    on_demand_usd: float | None = None
-    kept_vcpu_hours: float = 0.0
-    kept_usd: float | None = None
-    events: int = 0
 
 
 def summarize(
@@ -203,201 +124,9 @@ def summarize(
     now: float | None = None,
     stale_after: float = DEFAULT_STALE_AFTER,
 ) -> dict[str, Any]:
-    """Boil a job's events and checkpoints down to {"summary", "attempts", "days", "unpriced"}."""
+    """A job's view (mmshim.digest.view) from its events and checkpoints themselves."""
     now = time.time() if now is None else now
-    evs = [e for e in events if isinstance(e, dict) and _num(e.get("time")) is not None]
-    evs.sort(key=lambda e: e["time"])  # stable: the store's order breaks ties
-    attempts: dict[int, _Attempt] = {}
-    days: dict[str, dict[str, float]] = {}
-    unpriced: dict[str, float] = {}
-
-    def day(t: float) -> dict[str, float]:
-        d = days.get(_day(t))
-        if d is None:
-            d = days[_day(t)] = dict.fromkeys(DAY_FIELDS, 0.0)
-        return d
-
-    current = 1
-    for ev in evs:
-        t = float(ev["time"])
-        n = ev.get("attempt")
-        if isinstance(n, int) and not isinstance(n, bool):
-            current = n
-        a = attempts.get(current)
-        if a is None:
-            a = attempts[current] = _Attempt(current, t, t)
-        a.end = max(a.end, t)
-        a.events += 1
-        for k in ("host", "instance_id", "instance_type", "lifecycle", "queue", "compute_env"):
-            v = ev.get(k)
-            if isinstance(v, str) and v and getattr(a, k) is None:
-                setattr(a, k, v)
-        if a.vcpus is None and _num(ev.get("vcpus")):
-            a.vcpus = _num(ev.get("vcpus"))
-        cid = ev.get("container_id")
-        if isinstance(cid, str) and cid and cid not in a.container_ids:
-            a.container_ids.append(cid)
-        name = ev.get("event")
-        d = day(t)
-        if name == "start":
-            if a.mode == "unknown":
-                a.mode = "fresh"
-        elif name == "restore.attempted":
-            d["restores_attempted"] += 1
-            a.restored_from = a.restored_from or ev.get("checkpoint_id")
-        elif name == "restore.succeeded":
-            d["restores_succeeded"] += 1
-            a.mode = "restored"
-            a.restored_from = ev.get("checkpoint_id") or a.restored_from
-            a.restore_duration_s = _num(ev.get("duration_s"))
-            a.progress_s = _num(ev.get("progress_s"))
-        elif name == "restore.fallback":
-            d["fallbacks"] += 1
-            a.mode = "fallback"
-            a.fallback_reason = str(ev.get("reason") or "")
-        elif name == "checkpoint.committed":
-            a.checkpoints += 1
-            size, dur = _num(ev.get("size")) or 0.0, _num(ev.get("duration_s"))
-            d["checkpoints"] += 1
-            d["ckpt_size"] += size
-            d["ckpt_size_max"] = max(d["ckpt_size_max"], size)
-            d["ckpt_stored"] += _num(ev.get("stored")) or 0.0
-            if dur is not None:
-                d["ckpt_timed"] += 1
-                d["ckpt_duration"] += dur
-                d["ckpt_duration_max"] = max(d["ckpt_duration_max"], dur)
-                d["ckpt_frozen"] += _num(ev.get("frozen_s")) or 0.0
-        elif name == "checkpoint.failed":
-            a.checkpoints_failed += 1
-            d["ckpt_failed"] += 1
-        elif name == "spot.notice":
-            d["spot_notices"] += 1
-            a.spot_notice = _num(ev.get("notice_time")) or t
-            a.spot_action = ev.get("action") if isinstance(ev.get("action"), str) else None
-        elif name == "rebalance":
-            a.rebalance = _num(ev.get("notice_time")) or t
-        elif name == "exit":
-            code = ev.get("exit_code")
-            a.exit_code = code if isinstance(code, int) and not isinstance(code, bool) else -1
-
-    order = sorted(attempts)
-    last_time = evs[-1]["time"] if evs else None
-    for i, n in enumerate(order):
-        a = attempts[n]
-        is_last = i == len(order) - 1
-        if a.exit_code is not None:
-            a.outcome = "succeeded" if a.exit_code == 0 else ("reclaimed" if a.spot_notice else "failed")
-        elif not is_last:
-            a.outcome = "reclaimed" if a.spot_notice else "lost"
-        elif a.spot_notice and now > a.spot_notice + 60:
-            a.outcome = "reclaimed"
-        else:
-            a.outcome = "running"
-        end = a.end
-        if a.outcome == "reclaimed" and a.spot_notice:
-            end = max(end, min(a.spot_notice, a.end + NOTICE_LEAD))
-        a.instance_hours = max(0.0, end - a.start) / 3600
-        rates = _rates(prices, a.instance_type, a.lifecycle, a.vcpus)
-        vcpus = a.vcpus or 1.0
-        if a.progress_s and a.mode == "restored":
-            a.kept_vcpu_hours = a.progress_s * vcpus / 3600
-        if rates is None:
-            if a.instance_hours:
-                key = a.instance_type or "(unknown)"
-                unpriced[key] = unpriced.get(key, 0.0) + a.instance_hours
-        else:
-            paid, od = rates
-            a.cost_usd = a.instance_hours * paid
-            a.on_demand_usd = a.instance_hours * od
-            if a.progress_s and a.mode == "restored":
-                a.kept_usd = a.progress_s / 3600 * paid
-        for dname, secs in _split_days(a.start, end):
-            d = days.setdefault(dname, dict.fromkeys(DAY_FIELDS, 0.0))
-            d["instance_hours"] += secs / 3600
-            if rates is not None:
-                d["cost_usd"] += secs / 3600 * rates[0]
-                d["on_demand_usd"] += secs / 3600 * rates[1]
-        if a.kept_vcpu_hours:
-            d = day(a.start)
-            d["kept_vcpu_hours"] += a.kept_vcpu_hours
-            d["kept_usd"] += a.kept_usd or 0.0
-
-    last = attempts[order[-1]] if order else None
-    if last is None:
-        status = "unknown"
-    elif last.outcome == "running":
-        if evs[-1].get("event") == "restore.attempted":
-            status = "restoring"
-        elif last_time is not None and now - last_time > stale_after:
-            status = "stale"
-        else:
-            status = "running"
-    elif last.outcome in ("reclaimed", "lost"):
-        status = "interrupted"
-    else:
-        status = last.outcome
-    first = attempts[order[0]] if order else None
-
-    def total(key: str) -> float:
-        return sum(d[key] for d in days.values())
-
-    costs = [a.cost_usd for a in attempts.values() if a.cost_usd is not None]
-    good = [c for c in checkpoints if c.state == "good"]
-    summary = {
-        "job_id": job_id,
-        "status": status,
-        "queue": next((a.queue for a in attempts.values() if a.queue), None),
-        "compute_env": next((a.compute_env for a in attempts.values() if a.compute_env), None),
-        "attempts": len(attempts),
-        "checkpoints": len(checkpoints),
-        "checkpoints_good": len(good),
-        "checkpoints_committed": int(total("checkpoints")),
-        "checkpoints_failed": int(total("ckpt_failed")),
-        "bytes_stored": sum(c.stored for c in checkpoints),
-        "bytes_raw": sum(c.size for c in checkpoints),
-        "latest_checkpoint": max((c.created for c in checkpoints), default=None),
-        "first_event": first.start if first else None,
-        "last_event": {"time": evs[-1]["time"], "event": evs[-1].get("event")} if evs else None,
-        "restores_attempted": int(total("restores_attempted")),
-        "restores_succeeded": int(total("restores_succeeded")),
-        "fallbacks": int(total("fallbacks")),
-        "restored": total("restores_succeeded") > 0,
-        "spot_notices": int(total("spot_notices")),
-        "rebalance_notices": sum(1 for e in evs if e.get("event") == "rebalance"),
-        "protected": bool(checkpoints) or total("checkpoints") > 0,
-        "instance_types": sorted({a.instance_type for a in attempts.values() if a.instance_type}),
-        "hosts": [a.host for a in (attempts[n] for n in order) if a.host],
-        "kept_vcpu_hours": total("kept_vcpu_hours"),
-        "cost_usd": sum(costs) if costs else None,
-        "exit_code": last.exit_code if last else None,
-    }
-    return {
-        "summary": summary,
-        "attempts": [asdict(attempts[n]) for n in order],
-        "days": days,
-        "unpriced": unpriced,
-        "lifecycle_hours": _lifecycle_hours(attempts.values()),
-        "costs": {
-            "on_demand_usd": sum(a.on_demand_usd or 0.0 for a in attempts.values()),
-            "kept_on_demand_usd": sum(
-                a.progress_s / 3600 * r[1]
-                for a in attempts.values()
-                if a.progress_s
-                and a.mode == "restored"
-                and (r := _rates(prices, a.instance_type, a.lifecycle, a.vcpus))
-            ),
-            "spot_usd": sum(a.cost_usd or 0.0 for a in attempts.values() if a.lifecycle == "spot"),
-            "other_usd": sum(a.cost_usd or 0.0 for a in attempts.values() if a.lifecycle != "spot"),
-        },
-    }
-
-
-def _lifecycle_hours(attempts: Iterable[_Attempt]) -> dict[str, float]:
-    out = {"spot": 0.0, "on-demand": 0.0, "unknown": 0.0}
-    for a in attempts:
-        key = a.lifecycle if a.lifecycle in ("spot", "on-demand") else "unknown"
-        out[key] += a.instance_hours
-    return out
+    return digest.view(job_id, digest.build(events, checkpoints), prices, now, stale_after)
 
 
 def _checkpoint_row(c: CheckpointInfo, committed: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -423,12 +152,12 @@ def _checkpoint_row(c: CheckpointInfo, committed: dict[str, dict[str, Any]]) -> 
 
 @dataclass
 class _Entry:
-    digest: dict[str, Any]
+    view: dict[str, Any]
     loaded_at: float
 
 
 class Viewer:
-    """Store reads, the per-job digest cache and the aggregations; the web layer is make_app."""
+    """Store reads, the per-job view cache and the aggregations; the web layer is make_app."""
 
     def __init__(
         self,
@@ -464,11 +193,13 @@ class Viewer:
     def _read(self, job: str) -> tuple[list[dict[str, Any]], list[CheckpointInfo]]:
         return self.store.events(job), self.store.checkpoints(job)
 
-    def _digest(self, job: str, events: list[dict[str, Any]], cps: list[CheckpointInfo]) -> dict[str, Any]:
-        return summarize(job, events, cps, self.prices, now=self.clock(), stale_after=self.stale_after)
+    def _view(self, job: str, doc: dict[str, Any]) -> dict[str, Any]:
+        return digest.view(job, doc, self.prices, self.clock(), self.stale_after)
 
     def _load(self, job: str) -> dict[str, Any]:
-        return self._digest(job, *self._read(job))
+        """The job's view from its digest; from its events and checkpoints if it has none."""
+        doc = self.store.digest(job)
+        return self._view(job, doc if doc is not None else digest.build(*self._read(job)))
 
     def refresh(self, force: bool = False) -> None:
         """Bring the cache up to date if the listing is older than the TTL (or force).
@@ -511,7 +242,7 @@ class Viewer:
                 if j not in present:
                     continue
                 age = now - e.loaded_at
-                if e.digest["summary"]["status"] not in SETTLED:
+                if e.view["summary"]["status"] not in SETTLED:
                     if age >= self.ttl:
                         todo.append(j)
                 elif age >= self.max_age:
@@ -530,22 +261,26 @@ class Viewer:
             if len(todo) > 1 and self.workers > 1
             else None
         )
+        gc.disable()  # a first load makes ~50 objects per job and keeps them: collecting them is waste
         try:
             for i in range(0, len(todo), 250):  # publish in batches: a first load shows progress
                 batch = todo[i : i + 250]
-                digests = pool.map(self._safe_load, batch) if pool else map(self._safe_load, batch)
-                loaded = {j: d for j, d in zip(batch, digests, strict=True) if d is not None}
+                views = pool.map(self._safe_load, batch) if pool else map(self._safe_load, batch)
+                loaded = {j: v for j, v in zip(batch, views, strict=True) if v is not None}
                 with self._lock:
                     changed = False
                     for j, d in loaded.items():
                         old = self._entries.get(j)
-                        changed = changed or old is None or old.digest != d
+                        changed = changed or old is None or old.view != d
                         self._entries[j] = _Entry(d, now)
                     if changed:
                         self._generation += 1
                 if first:
                     self._loading = {"done": min(len(todo), i + 250), "total": len(todo)}
         finally:
+            if first:
+                gc.freeze()  # and later collections need not walk them (views hold no cycles)
+            gc.enable()
             if pool:
                 pool.shutdown()
             self._loading = None
@@ -560,18 +295,18 @@ class Viewer:
             log.warning("cannot read job %s: %s", job, e)
             return None
 
-    def _digests(self) -> tuple[int, list[dict[str, Any]]]:
+    def _views(self) -> tuple[int, list[dict[str, Any]]]:
         self.refresh()
         with self._lock:
-            return self._generation, [e.digest for e in self._entries.values()]
+            return self._generation, [e.view for e in self._entries.values()]
 
     def _cached(self, name: str, build: Callable[[list[dict[str, Any]]], Any]) -> Any:
-        gen, digests = self._digests()
+        gen, views = self._views()
         with self._lock:
             hit = self._aggregates.get(name)
         if hit is not None and hit[0] == gen:
             return hit[1]
-        value = build(digests)
+        value = build(views)
         with self._lock:
             self._aggregates[name] = (gen, value)
         return value
@@ -589,14 +324,14 @@ class Viewer:
         p = self.prices
         return {k: p.get(k) for k in ("date", "region", "currency", "note", "path")}
 
-    def _overview(self, digests: list[dict[str, Any]]) -> dict[str, Any]:
+    def _overview(self, views: list[dict[str, Any]]) -> dict[str, Any]:
         sums = dict.fromkeys(DAY_FIELDS, 0.0)
         statuses = dict.fromkeys(STATUSES, 0)
         hours = {"spot": 0.0, "on-demand": 0.0, "unknown": 0.0}
         unpriced: dict[str, float] = {}
         costs = {"on_demand_usd": 0.0, "kept_on_demand_usd": 0.0, "spot_usd": 0.0, "other_usd": 0.0}
         protected = restored = cps_now = bytes_stored = bytes_raw = rebalance = 0
-        for dg in digests:
+        for dg in views:
             s = dg["summary"]
             statuses[s["status"]] = statuses.get(s["status"], 0) + 1
             protected += s["protected"]
@@ -605,9 +340,8 @@ class Viewer:
             bytes_stored += s["bytes_stored"]
             bytes_raw += s["bytes_raw"]
             rebalance += s["rebalance_notices"]
-            for d in dg["days"].values():
-                for k in DAY_FIELDS:
-                    sums[k] += d[k]
+            for k, v in dg["totals"].items():
+                sums[k] += v
             for k, v in dg["lifecycle_hours"].items():
                 hours[k] += v
             for k, v in dg["unpriced"].items():
@@ -616,7 +350,7 @@ class Viewer:
                 costs[k] += v
         attempted, succeeded = int(sums["restores_attempted"]), int(sums["restores_succeeded"])
         return {
-            "jobs": len(digests),
+            "jobs": len(views),
             "jobs_protected": protected,
             "jobs_restored": restored,
             "statuses": statuses,
@@ -671,8 +405,8 @@ class Viewer:
         since = _date_param(params, "from")
         until = _date_param(params, "to")
         q = (params.get("q") or "").lower()
-        _, digests = self._digests()
-        rows = [d["summary"] for d in digests]
+        _, views = self._views()
+        rows = [v["summary"] for v in views]
         facets = {
             "queues": sorted({r["queue"] for r in rows if r["queue"]}),
             "statuses": {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES},
@@ -712,11 +446,11 @@ class Viewer:
         events, cps = self._read(job)
         if not events and not cps:
             raise NotFound(f"job {job!r} is not in the store")
-        digest = self._digest(job, events, cps)
+        view = self._view(job, digest.build(events, cps))
         with self._lock:
             old = self._entries.get(job)
-            if old is not None and old.digest != digest:
-                self._entries[job] = _Entry(digest, self.clock())
+            if old is not None and old.view != view:
+                self._entries[job] = _Entry(view, self.clock())
                 self._generation += 1
         committed = {
             e["checkpoint_id"]: e
@@ -724,11 +458,11 @@ class Viewer:
             if e.get("event") == "checkpoint.committed" and isinstance(e.get("checkpoint_id"), str)
         }
         return {
-            "job": digest["summary"],
-            "attempts": digest["attempts"],
+            "job": view["summary"],
+            "attempts": view["attempts"],
             "checkpoints": [_checkpoint_row(c, committed) for c in cps],
             "events": events,
-            "days": [{"date": k, **v} for k, v in sorted(digest["days"].items())],
+            "days": [{"date": k, **ZERO_DAY, **v} for k, v in sorted(view["days"].items())],
             "now": self.clock(),
         }
 
@@ -756,19 +490,16 @@ class Viewer:
         ]
         return {"days": rows, "currency": self.prices.get("currency", "USD"), "loading": self.loading}
 
-    def _daily(self, digests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _daily(self, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
         merged: dict[str, dict[str, float]] = {}
-        for dg in digests:
+        for dg in views:
             for name, d in dg["days"].items():
                 m = merged.get(name)
                 if m is None:
                     merged[name] = dict(d)
                     continue
-                for k in DAY_FIELDS:
-                    if k.endswith("_max"):
-                        m[k] = max(m[k], d[k])
-                    else:
-                        m[k] += d[k]
+                for k, v in d.items():
+                    m[k] = max(m.get(k, 0.0), v) if k in MAX_FIELDS else m.get(k, 0.0) + v
         if not merged:
             return []
         first, last = _parse_day(min(merged)), _parse_day(max(merged))
@@ -776,8 +507,8 @@ class Viewer:
         out = []
         t = first
         while t <= last:
-            name = _day(t)
-            d = merged.get(name) or dict.fromkeys(DAY_FIELDS, 0.0)
+            name = day_name(t)
+            d = ZERO_DAY | merged.get(name, {})
             n, timed = d["checkpoints"], d["ckpt_timed"]
             out.append(
                 {
@@ -806,7 +537,7 @@ class Viewer:
         return out
 
     def bundle(self, job_id: str, out: io.IOBase | Any) -> None:
-        """Write the job's log bundle (tar.gz) to `out`: events, digest, each checkpoint's info and
+        """Write the job's log bundle (tar.gz) to `out`: events, summary, each checkpoint's info and
         its ``logs/*`` files (fetched through Store.fetch, for good checkpoints up to
         bundle_fetch_limit raw bytes; the rest say why in their checkpoint.json)."""
         detail = self.job(job_id)
@@ -1106,7 +837,8 @@ class _SampleWriter:
         self.root = root
         self.rng = rng
         self.keep = keep  # manifests kept per job, as `Store.retain(keep=2)` leaves them
-        self.pending: list[tuple[str, bytes]] = []
+        self.pending: list[tuple[str, bytes, CheckpointInfo]] = []
+        self.digests: dict[str, dict[str, Any]] = {}
         self.made: set[str] = set()
         self.cctx = zstandard.ZstdCompressor(level=3)
         self.chunks: dict[bytes, tuple[str, int, int]] = {}
@@ -1144,6 +876,7 @@ class _SampleWriter:
             time.strftime("%Y%m%dT%H%M%S", time.gmtime(secs)) + f".{frac:06d}Z-{self.rng.getrandbits(24):06x}"
         )
         self.write(f"jobs/{job}/events/{name}.json", json.dumps(ev, sort_keys=True).encode())
+        digest.fold(self.digests.setdefault(job, digest.new()), ev, name)
 
     def checkpoint(
         self, job: str, created: float, files: list[dict[str, Any]], stored: int, meta: dict[str, Any]
@@ -1170,14 +903,19 @@ class _SampleWriter:
             separators=(",", ":"),
         ).encode()
         data = b'{"manifest":' + body + b',"sha256":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
-        self.pending.append((f"jobs/{job}/checkpoints/{cid}.json", data))
+        info = CheckpointInfo(job, cid, created, sum(f["size"] for f in files), stored, "good", meta)
+        self.pending.append((f"jobs/{job}/checkpoints/{cid}.json", data, info))
         return cid
 
-    def flush(self) -> None:
-        """Write the newest `keep` manifests of the job just generated."""
-        for rel, data in self.pending[len(self.pending) - self.keep :] if self.keep else []:
+    def flush(self, job: str) -> None:
+        """Write the newest `keep` manifests of the job just generated, then its digest."""
+        doc = self.digests.pop(job, None) or digest.new()
+        for rel, data, info in self.pending[len(self.pending) - self.keep :] if self.keep else []:
             self.write(rel, data)
+            digest.set_checkpoint(doc, info.checkpoint_id, info)
         self.pending = []
+        if doc["events"] or doc["checkpoints"]:
+            self.write(f"jobs/{job}/digest.json", json.dumps(doc, sort_keys=True).encode())
 
 
 def write_sample_store(
@@ -1203,7 +941,7 @@ def write_sample_store(
             job += f":{rng.randrange(100)}"  # an array child
         ids.append(job)
         _sample_job(w, rng, job, now - rng.random() * days * 86400, now, zero)
-        w.flush()
+        w.flush(job)
     return ids
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from mmshim import digest
 from mmshim.store import Store, open_store
-from mmshim.viewer import Viewer, load_prices, make_app, write_sample_store
+from mmshim.viewer import Viewer, load_prices, make_app, summarize, write_sample_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_790_000_000.0  # 2026-09-21T13:33:20Z
@@ -416,13 +417,13 @@ def test_cache_ttl_and_active_refresh(env: dict[str, Any]) -> None:
     v: Viewer = env["app"].config["VIEWER"]
     store, now = env["store"], env["now"]
     reads: list[str] = []
-    orig = v._read
+    orig = v._load
 
     def counting(job: str) -> Any:
         reads.append(job)
         return orig(job)
 
-    v._read = counting  # type: ignore[method-assign]
+    v._load = counting  # type: ignore[method-assign]
     assert v.overview()["jobs"] == 3
     assert sorted(reads) == sorted([JOB_A, JOB_B, JOB_C])
     reads.clear()
@@ -530,3 +531,74 @@ def test_ten_thousand_jobs(big_store: str) -> None:
     job = page["jobs"][0]["job_id"]
     d = get(c, f"/api/v1/jobs/{job}")
     assert d["job"]["job_id"] == job
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests: what the store keeps per job must say what the events and checkpoints say
+
+
+def views_agree(store: Store, job: str, now: float) -> None:
+    kept = store.digest(job)
+    assert kept is not None
+    from_store = digest.view(job, kept, PRICES, now, 6 * 3600)
+    assert from_store == summarize(job, store.events(job), store.checkpoints(job), PRICES, now)
+
+
+def test_store_digest_follows_events_and_checkpoints(env: dict[str, Any], tmp_path: Path) -> None:
+    store, now = env["store"], env["now"][0]
+    for job in (JOB_A, JOB_B, JOB_C):
+        views_agree(store, job, now)
+    assert store.digest(JOB_A)["checkpoints"].keys() == set(env["cids"]["a"])
+    cid_new = save_checkpoint(store, tmp_path, JOB_A, "three\n", {"trigger": "interval"})
+    assert store.retain(JOB_A, keep=1) == env["cids"]["a"][::-1]
+    views_agree(store, JOB_A, now)
+    store._mark_bad(JOB_A, cid_new, "test")
+    assert store.digest(JOB_A)["checkpoints"][cid_new][3] == "bad"
+    views_agree(store, JOB_A, now)
+    store.delete(JOB_A, cid_new)
+    assert store.digest(JOB_A)["checkpoints"] == {}
+    views_agree(store, JOB_A, now)
+    store.delete(JOB_A)
+    assert store.digest(JOB_A) is None
+
+
+def test_store_digest_survives_damage_and_lost_updates(env: dict[str, Any], monkeypatch: Any) -> None:
+    store, root, now = env["store"], env["root"], env["now"][0]
+    key = root / "jobs" / JOB_B / "digest.json"
+    key.write_text('{"format": 1, "attem')  # torn by hand: the next update rebuilds it
+    assert store.digest(JOB_B) is None
+    ev = {**base(JOB_B, 2, "host-z"), "time": T0 + 90000, "event": "start"}
+    store.put_event(JOB_B, ev)
+    views_agree(store, JOB_B, now)
+    assert store.digest(JOB_B)["events"] == 5
+
+    # Another writer puts back an older digest right after ours: the read-back notices, redoes it.
+    stale = key.read_bytes()
+    real_put = store._backend.put
+    clobbered: list[str] = []
+
+    def put(k: str, data: bytes, **kw: Any) -> None:
+        real_put(k, data, **kw)
+        if k.endswith("digest.json") and not clobbered:
+            clobbered.append(k)
+            real_put(k, stale)
+
+    monkeypatch.setattr(store._backend, "put", put)
+    store.put_event(JOB_B, {**ev, "time": T0 + 90001, "event": "exit", "exit_code": 0})
+    assert clobbered and store.digest(JOB_B)["events"] == 6
+    views_agree(store, JOB_B, now)
+
+
+def test_sample_store_views_equal_with_and_without_digests(tmp_path: Path) -> None:
+    """The viewer's numbers are the same from digests and from the whole history (the fallback)."""
+    write_sample_store(tmp_path / "s", jobs=150, seed=5, now=T0)
+    clock = lambda: T0  # noqa: E731
+
+    def answers() -> list[Any]:
+        c = make_app(f"file://{tmp_path / 's'}", clock=clock).test_client()
+        return [get(c, u) for u in ("/api/v1/overview", "/api/v1/jobs?per_page=500", "/api/v1/series/daily")]
+
+    with_digests = answers()
+    removed = [p.unlink() for p in (tmp_path / "s" / "jobs").glob("*/digest.json")]
+    assert len(removed) == 150
+    assert answers() == with_digests
