@@ -33,7 +33,7 @@ function bytes(n) {
 
 function dur(s) {
   if (s == null) return "–";
-  if (s < 60) return s.toFixed(s < 10 ? 1 : 0) + " s";
+  if (s < 60) return s.toFixed(s < 1 ? 2 : s < 10 ? 1 : 0) + " s";
   if (s < 3600) return (s / 60).toFixed(1) + " min";
   if (s < 86400 * 2) return (s / 3600).toFixed(1) + " h";
   return (s / 86400).toFixed(1) + " d";
@@ -42,7 +42,15 @@ function dur(s) {
 function money(v, cur) {
   if (v == null) return "–";
   const sym = (cur || "USD") === "USD" ? "$" : (cur + " ");
-  return sym + (Math.abs(v) >= 1000 ? Math.round(v).toLocaleString("en-US") : v.toFixed(2));
+  const a = Math.abs(v);  // a short job costs fractions of a cent: show them, not $0.00
+  return sym + (a >= 1000 ? Math.round(v).toLocaleString("en-US") : a > 0 && a < 0.01 ? v.toPrecision(2) : v.toFixed(2));
+}
+
+// Compute time in the unit that shows it: a short job keeps seconds, a long one hours.
+function cpuTime(h) {
+  if (h == null) return "–";
+  if (h === 0 || h >= 1) return num(h, 1) + " vCPU-h";
+  return h * 60 >= 1 ? (h * 60).toFixed(1) + " vCPU-min" : (h * 3600).toFixed(1) + " vCPU-s";
 }
 
 function num(v, d) { return v == null ? "–" : Number(v).toLocaleString("en-US", { maximumFractionDigits: d || 0 }); }
@@ -119,9 +127,9 @@ async function loadOverview() {
       `success rate ${rate}; ${num(o.restores.fallbacks)} fell back to a fresh start`),
     card("Checkpoints", num(o.checkpoints.taken), `${num(o.checkpoints.failed)} failed; ${num(o.checkpoints.in_store)} in store, ${bytes(o.checkpoints.bytes_stored)}`),
     card("Spot notices", num(o.spot_notices), `${num(o.rebalance_notices)} rebalance recommendations`),
-    card("Compute kept", num(o.compute_hours_kept, 1) + " vCPU-h", `worth ${money(c.kept_usd, cur)} at the price paid (${money(c.kept_on_demand_usd, cur)} on-demand)`),
-    card("Instance hours", num(c.instance_hours.spot + c.instance_hours["on-demand"] + c.instance_hours.unknown, 1),
-      `${num(c.instance_hours.spot, 1)} h Spot, ${num(c.instance_hours["on-demand"], 1)} h on-demand`),
+    card("Compute kept", cpuTime(o.compute_hours_kept), `worth ${money(c.kept_usd, cur)} at the price paid (${money(c.kept_on_demand_usd, cur)} on-demand)`),
+    card("Instance time", dur(3600 * (c.instance_hours.spot + c.instance_hours["on-demand"] + c.instance_hours.unknown)),
+      `${dur(3600 * c.instance_hours.spot)} Spot, ${dur(3600 * c.instance_hours["on-demand"])} on-demand`),
     card("Cost", money(c.actual_usd, cur), `${money(c.spot_usd, cur)} Spot + ${money(c.on_demand_usd, cur)} on-demand`),
     card("Saved vs on-demand", money(c.savings_usd, cur), `all of it on-demand: ${money(c.on_demand_equivalent_usd, cur)}`),
   );
@@ -137,12 +145,12 @@ async function loadDaily() {
   try { d = await api("/series/daily"); } catch (e) { showError(e); return; }
   if (d.loading) setTimeout(loadDaily, 1500);
   const days = d.days.map((r) => r.date);
-  const base = (yName, fmt) => ({
+  const base = (yName, fmt, minInterval) => ({
     grid: { left: 64, right: 16, top: 28, bottom: 28 },
     tooltip: { trigger: "axis", valueFormatter: fmt },
     legend: { top: 0, textStyle: { fontSize: 11 } },
     xAxis: { type: "category", data: days },
-    yAxis: { type: "value", name: yName, axisLabel: { formatter: fmt } },
+    yAxis: { type: "value", name: yName, minInterval, axisLabel: { formatter: fmt } },
   });
   const size = chart("chart-size");
   if (size) size.setOption({ ...base("", bytes), series: [
@@ -157,7 +165,7 @@ async function loadDaily() {
     { name: "mean frozen", type: "line", data: d.days.map((r) => r.ckpt_frozen_mean), connectNulls: true },
   ] }, true);
   const rs = chart("chart-restores");
-  if (rs) rs.setOption({ ...base("", (v) => num(v)), series: [
+  if (rs) rs.setOption({ ...base("", (v) => num(v), 1), series: [
     { name: "restored", type: "bar", stack: "r", data: d.days.map((r) => r.restores_succeeded), itemStyle: { color: "#1f9d55" } },
     { name: "fell back", type: "bar", stack: "r", data: d.days.map((r) => r.fallbacks), itemStyle: { color: "#e08a00" } },
     { name: "spot notices", type: "line", data: d.days.map((r) => r.spot_notices), itemStyle: { color: "#d64545" } },
@@ -261,7 +269,7 @@ async function jobPage() {
     card("Attempts", num(j.attempts), (j.hosts || []).join(", ")),
     card("Restores", j.restores_attempted ? `${j.restores_succeeded} / ${j.restores_attempted}` : "none",
       j.fallbacks ? `${j.fallbacks} fell back to a fresh start` : ""),
-    card("Compute kept", num(j.kept_vcpu_hours, 2) + " vCPU-h", "run time restores did not repeat"),
+    card("Compute kept", cpuTime(j.kept_vcpu_hours), "run time restores did not repeat"),
     card("Checkpoints", num(j.checkpoints_committed), `${num(j.checkpoints_failed)} failed; ${num(j.checkpoints)} in store, ${bytes(j.bytes_stored)} stored`),
     card("Spot notices", num(j.spot_notices), (j.instance_types || []).join(", ")),
     card("Wall time", dur(span), `queue ${j.queue || "–"}`),
@@ -350,7 +358,9 @@ function timeline(d) {
     grid: { left: 150, right: 30, top: 36, bottom: 56 },
     tooltip: { trigger: "item", formatter: tip, confine: true },
     legend: { top: 0, data: ["checkpoint", "checkpoint failed", "spot notice", "reclaim", "restore", "fallback", "exit"] },
-    dataZoom: [{ type: "slider", xAxisIndex: 0, height: 18, bottom: 6 }, { type: "inside", xAxisIndex: 0 }],
+    // weakFilter: a run that starts or ends outside the zoom window still shows (as in a Gantt chart)
+    dataZoom: [{ type: "slider", xAxisIndex: 0, height: 18, bottom: 6, filterMode: "weakFilter" },
+      { type: "inside", xAxisIndex: 0, filterMode: "weakFilter" }],
     xAxis: { type: "time", axisLabel: { hideOverlap: true } },
     yAxis: { type: "category", data: lanes, inverse: true, axisLabel: { width: 140, overflow: "truncate" } },
     series: [
