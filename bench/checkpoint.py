@@ -9,12 +9,15 @@ in a container of a private dockerd. Measured, for each kind of memory:
 - restore: a `docker run` that restores on create from the file:// store (fetch, verify,
   decompress, apply, `runc restore`), against the `runc restore` of the same images from a local
   directory timed inside it.
-Prints a table of ratios. Needs root and the host set-up (install/setup-host.sh).
+Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
+each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
+of ratios. Needs root and the host set-up (install/setup-host.sh).
 """
 
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -24,10 +27,11 @@ from common import bench_host
 from mmshim import engine
 from mmshim.config import Settings
 from mmshim.localdocker import Docker
-from mmshim.store import open_store
+from mmshim.store import Store, open_store
 from tests.services import start_s3, stop_pidfile
 
 MIB = int(os.environ.get("BENCH_MIB", "2048"))
+REPS = int(os.environ.get("BENCH_REPS", "3"))
 IMAGE = "mmshim-bench/memhog:1"
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 
@@ -43,31 +47,52 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
     args = ["/bin/memhog", str(MIB), kind]
     job = f"bench-{kind}"
     cid = d.out("run", "-d", "--runtime=runc", "--network", "none", IMAGE, *args).strip()
-    r = {}
     try:
         d.wait_logs(cid, "ready")
         root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
         runc = engine.Runc(RUNC, ["--root", root], root)
-        raw_dir, raw_work = state / f"raw-{kind}", state / f"raw-{kind}-work"
-        t0 = time.monotonic()
-        runc.run(
-            "checkpoint", "--leave-running", "--image-path", str(raw_dir), "--work-path", str(raw_work), cid
-        )
-        r["raw_checkpoint"] = time.monotonic() - t0
-        r["raw_frozen"] = criu_frozen(raw_work)
-        r["raw_bytes"] = sum(f.stat().st_size for f in raw_dir.iterdir())
-        shutil.rmtree(raw_dir)
-        shutil.rmtree(raw_work)
         settings = Settings(workdir=str(state / "work"))
         file_store = open_store(f"file://{state / 'store'}")
         s3_store = open_store("s3://bench/mmshim", endpoint_url=s3, region="us-east-1")
-        for name, store in (("file", file_store), ("s3", s3_store)):
+        runs: dict[str, list[float]] = {}
+
+        def add(key: str, value: float) -> None:
+            runs.setdefault(key, []).append(value)
+
+        def ours(name: str, store: Store) -> None:
+            if name == "file":  # an empty store each time: every run writes every chunk
+                file_store.delete(job)
+                file_store.gc(grace_seconds=0)
+            os.sync()
             t0 = time.monotonic()
             info = engine.checkpoint(runc, cid, store, job, {"progress_s": 0.0}, settings)
-            r[f"{name}_checkpoint"] = time.monotonic() - t0
-            r[f"{name}_paused"] = info.meta["timings"]["paused_s"]
-            r[f"{name}_frozen"] = info.meta.get("frozen_s", float("nan"))
-            r[f"{name}_stored"] = info.stored
+            add(f"{name}_checkpoint", time.monotonic() - t0)
+            add(f"{name}_paused", info.meta["timings"]["paused_s"])
+            add(f"{name}_frozen", info.meta.get("frozen_s", float("nan")))
+            add(f"{name}_stored", info.stored)
+
+        for _ in range(REPS):
+            raw_dir, raw_work = state / f"raw-{kind}", state / f"raw-{kind}-work"
+            os.sync()
+            t0 = time.monotonic()
+            runc.run(
+                "checkpoint",
+                "--leave-running",
+                "--image-path",
+                str(raw_dir),
+                "--work-path",
+                str(raw_work),
+                cid,
+            )
+            add("raw_checkpoint", time.monotonic() - t0)
+            add("raw_frozen", criu_frozen(raw_work))
+            add("raw_bytes", sum(f.stat().st_size for f in raw_dir.iterdir()))
+            shutil.rmtree(raw_dir)
+            shutil.rmtree(raw_work)
+            ours("file", file_store)
+        ours("s3", s3_store)
+        r = {k: statistics.median(v) for k, v in runs.items()}
+        ours("file", file_store)  # the base of the second checkpoint below
         d.run("kill", "-s", "USR1", cid)
         d.wait_logs(cid, "touched 5%")
         info = engine.checkpoint(runc, cid, file_store, job, {"progress_s": 0.0}, settings)

@@ -35,7 +35,7 @@ from typing import Any
 import click
 
 from mmshim import config as cfg
-from mmshim import engine, layer
+from mmshim import engine, layer, pricing
 from mmshim.store import (
     CheckpointInfo,
     CheckpointUnusable,
@@ -876,6 +876,15 @@ def restore_cmd(
 # viewer and IMDS emulator
 
 
+PRICES_OPTION = click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Price table (default $MMSHIM_VIEWER_PRICES, else the one shipped with mmshim).",
+)
+
+
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
@@ -884,8 +893,9 @@ def restore_cmd(
     default=None,
     help="Access token required on every request (default $MMSHIM_VIEWER_TOKEN).",
 )
+@PRICES_OPTION
 @pass_obj
-def serve_cmd(obj: Obj, host: str, port: int, token: str | None) -> None:
+def serve_cmd(obj: Obj, host: str, port: int, token: str | None, prices_path: str | None) -> None:
     """Serve the read-only web viewer of the store until interrupted."""
     try:
         viewer = importlib.import_module("mmshim.viewer")
@@ -894,7 +904,77 @@ def serve_cmd(obj: Obj, host: str, port: int, token: str | None) -> None:
     # The viewer takes a URL; S3 needs the config's store_options (endpoint, region...), so then
     # it gets the opened store, which its Viewer accepts as well.
     target: Any = obj.store if obj.settings.store_options else obj.store_url
-    viewer.serve(target, host, port, token)
+    try:
+        pricing.load_prices(prices_path)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    viewer.serve(target, host, port, token, prices_path)
+
+
+@cli.command("prices")
+@PRICES_OPTION
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="Ask AWS for today's prices (needs pricing:GetProducts and ec2:DescribeSpotPriceHistory).",
+)
+@click.option("--region", default=None, help="Region to price (default: the table's).")
+@click.option(
+    "--type", "types", multiple=True, help="Instance type to refresh (default: every type in the table)."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where --refresh writes the table (default: --prices FILE; required with the shipped table).",
+)
+@click.option("--profile", default=None, help="AWS profile for --refresh.")
+@click.option("--ec2-endpoint-url", default=None, hidden=True)  # tests: EC2 on moto
+@pass_obj
+def prices_cmd(
+    obj: Obj,
+    prices_path: str | None,
+    refresh: bool,
+    region: str | None,
+    types: tuple[str, ...],
+    out: str | None,
+    profile: str | None,
+    ec2_endpoint_url: str | None,
+) -> None:
+    """Show the viewer's price table; with --refresh, price it afresh from AWS and write it."""
+    try:
+        doc = pricing.load_prices(prices_path)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    problems: list[str] = []
+    if refresh:
+        dest = out or prices_path or os.environ.get(pricing.PRICES_ENV)
+        if not dest:
+            raise CliError("--refresh needs --out FILE (the table shipped with mmshim is not overwritten)")
+        region = region or doc.get("region") or "us-east-1"
+        try:
+            clients = pricing.clients(region, profile, ec2_endpoint_url)
+            doc, problems = pricing.refresh(doc, region, list(types) or sorted(doc["instances"]), *clients)
+        except Exception as e:  # botocore: no credentials, access denied, no network
+            raise CliError(f"cannot refresh prices from AWS: {_describe(e)}", "aws_error") from e
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, dest)
+        doc["path"] = dest
+        for p in problems:
+            click.echo(f"warning: {p}", err=True)
+
+    def human() -> None:
+        click.echo(f"{doc.get('path')}: {doc.get('region')} prices of {doc.get('date')}")
+        rows = [
+            [t, str(p.get("vcpus", "?")), f"{p['on_demand']:.4f}", f"{p['spot']:.4f}"]
+            for t, p in sorted(doc["instances"].items())
+        ]
+        table(["type", "vCPUs", "on-demand $/h", "Spot $/h"], rows, right=frozenset({1, 2, 3}))
+
+    obj.emit({**doc, "problems": problems}, human)
 
 
 @cli.command(

@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from mmshim import pricing
+
 FORMAT = 1
 RECENT = 8  # event ids remembered, so that a retried fold of the same event counts it once
 NOTICE_LEAD = 120.0  # a Spot notice gives two minutes
@@ -249,19 +251,6 @@ def build(
     return doc
 
 
-def _rates(prices: dict[str, Any], itype: str | None, lifecycle: str | None, vcpus: float | None):
-    """(rate actually paid, on-demand rate), both $/h scaled by the job's share of the instance."""
-    p = prices["instances"].get(itype or "")
-    if p is None:
-        return None
-    share = 1.0
-    if vcpus and isinstance(p.get("vcpus"), int | float) and p["vcpus"] > 0:
-        share = min(1.0, float(vcpus) / float(p["vcpus"]))
-    od = float(p["on_demand"]) * share
-    paid = float(p["spot"]) * share if lifecycle == "spot" else od
-    return paid, od
-
-
 def view(
     job_id: str, doc: dict[str, Any], prices: dict[str, Any], now: float, stale_after: float
 ) -> dict[str, Any]:
@@ -298,7 +287,7 @@ def view(
         a["instance_hours"] = max(0.0, end - a["start"]) / 3600
         lifecycle = a["lifecycle"] if a["lifecycle"] in ("spot", "on-demand") else "unknown"
         hours[lifecycle] += a["instance_hours"]
-        rates = _rates(prices, a["instance_type"], a["lifecycle"], a["vcpus"])
+        rates = pricing.rates(prices, a["instance_type"], a["lifecycle"], a["vcpus"])
         kept_s = a["progress_s"] if a["mode"] == "restored" and a["progress_s"] else 0.0
         a["kept_vcpu_hours"] = kept_s * (a["vcpus"] or 1.0) / 3600
         a["cost_usd"] = a["on_demand_usd"] = a["kept_usd"] = None

@@ -51,17 +51,25 @@ from werkzeug.exceptions import HTTPException, NotFound
 
 from mmshim import digest
 from mmshim.digest import DAY_FIELDS, MAX_FIELDS, day_name
-from mmshim.store import CheckpointInfo, InvalidJobId, Store, StoreError, open_store, validate_job_id
+from mmshim.pricing import load_prices
+from mmshim.store import (
+    FORMAT,
+    CheckpointInfo,
+    InvalidJobId,
+    Store,
+    StoreError,
+    chunk_hash,
+    open_store,
+    validate_job_id,
+)
 
-__all__ = ["Viewer", "load_prices", "make_app", "serve", "summarize", "write_sample_store"]
+__all__ = ["Viewer", "make_app", "serve", "summarize", "write_sample_store"]
 
 log = logging.getLogger("mmshim.viewer")
 
 API = "/api/v1"
 STATIC_DIR = Path(__file__).with_name("viewer_static")
-DEFAULT_PRICES = Path(__file__).with_name("prices.json")
 TOKEN_ENV = "MMSHIM_VIEWER_TOKEN"
-PRICES_ENV = "MMSHIM_VIEWER_PRICES"
 TOKEN_COOKIE = "mmshim_viewer_token"
 DEFAULT_TTL = 10.0  # seconds a store listing is trusted
 DEFAULT_MAX_AGE = 300.0  # seconds before a settled job's view is read again
@@ -84,32 +92,6 @@ SORT_KEYS = {
     "cost": lambda s: s["cost_usd"] or 0.0,
     "kept_hours": lambda s: s["kept_vcpu_hours"],
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Prices
-
-
-def load_prices(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """The price table: `path`, else $MMSHIM_VIEWER_PRICES, else the shipped mmshim/prices.json.
-
-    {"date", "region", "currency", "note", "instances": {type: {"vcpus", "on_demand", "spot"}}};
-    ValueError with the reason if it is not usable.
-    """
-    src = Path(path or os.environ.get(PRICES_ENV) or DEFAULT_PRICES)
-    try:
-        doc = json.loads(src.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read price table {src}: {e}") from e
-    instances = doc.get("instances") if isinstance(doc, dict) else None
-    if not isinstance(instances, dict):
-        raise ValueError(f"price table {src} has no 'instances' object")
-    for name, p in instances.items():
-        if not isinstance(p, dict) or not all(
-            isinstance(p.get(k), int | float) and p[k] >= 0 for k in ("on_demand", "spot")
-        ):
-            raise ValueError(f"price table {src}: {name} needs numeric 'on_demand' and 'spot'")
-    return {**doc, "path": str(src)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,7 +842,7 @@ class _SampleWriter:
         hit = self.chunks.get(raw) if len(raw) < 65536 else None
         if hit:
             return hit
-        sha = hashlib.sha256(raw).hexdigest()
+        sha = chunk_hash(raw)
         comp = self.cctx.compress(raw)
         self.write(f"chunks/{sha[:2]}/{sha}", comp)
         out = (sha, len(raw), len(comp))
@@ -888,7 +870,7 @@ class _SampleWriter:
         )
         body = json.dumps(
             {
-                "format": 1,
+                "format": FORMAT,
                 "job_id": job,
                 "checkpoint_id": cid,
                 "created": created,

@@ -19,7 +19,7 @@ import pytest
 
 from mmshim import digest
 from mmshim.store import Store, open_store
-from mmshim.viewer import Viewer, load_prices, make_app, summarize, write_sample_store
+from mmshim.viewer import Viewer, make_app, summarize, write_sample_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_790_000_000.0  # 2026-09-21T13:33:20Z
@@ -441,18 +441,6 @@ def test_cache_ttl_and_active_refresh(env: dict[str, Any]) -> None:
     store.delete(job)
     now[0] += v.ttl + 1
     assert v.overview()["jobs"] == 3
-
-
-def test_prices_table() -> None:
-    p = load_prices()
-    assert p["date"] and p["region"] == "us-east-1"
-    for t in ("m5.xlarge", "c5.2xlarge", "r5.2xlarge", "m6i.2xlarge", "c6i.4xlarge"):
-        assert 0 < p["instances"][t]["spot"] < p["instances"][t]["on_demand"]
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        f.write('{"instances": {"x": {"spot": "cheap"}}}')
-        f.flush()
-        with pytest.raises(ValueError, match="numeric"):
-            load_prices(f.name)
 
 
 def test_pages_served(env: dict[str, Any]) -> None:
