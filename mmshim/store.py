@@ -242,14 +242,16 @@ def _manifest_key(job: str, cid: str) -> str:
     return f"jobs/{job}/checkpoints/{cid}.json"
 
 
+# What a PUT takes: bytes, or pieces written in one writev (a chunk framed without copying it).
+Data = bytes | list[bytes | memoryview]
 _SAMPLE = 16 * KiB
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW_BLOCK = 128 * KiB  # the largest block zstd allows
 
 
-def _raw_frame(raw: bytes) -> bytes:
+def _raw_frame(raw: bytes) -> list[bytes | memoryview]:
     """A zstd frame of raw blocks (RFC 8878 3.1): single segment, 8-byte content size, no checksum
-    (the chunk's name is its hash). Any zstd decoder reads it."""
+    (the chunk's name is its hash). Any zstd decoder reads it. In pieces, the data not copied."""
     parts = [_ZSTD_MAGIC, b"\xe0", len(raw).to_bytes(8, "little")]
     view = memoryview(raw)
     for off in range(0, len(raw), _RAW_BLOCK):
@@ -258,7 +260,7 @@ def _raw_frame(raw: bytes) -> bytes:
         parts += [((len(block) << 3) | last).to_bytes(3, "little"), block]
     if not raw:
         parts.append(b"\x01\x00\x00")  # one empty last block
-    return b"".join(parts)
+    return parts
 
 
 def chunk_hash(raw: bytes) -> str:
@@ -379,7 +381,7 @@ class _Obj:
 class _Transfers(Protocol):
     """Chunk transfers of one save or fetch; futures complete from the transfer threads."""
 
-    def put(self, key: str, data: bytes) -> cf.Future[None]: ...
+    def put(self, key: str, data: Data) -> cf.Future[None]: ...
     def get(self, key: str, size: int) -> cf.Future[bytes]: ...
     def __enter__(self) -> _Transfers: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -399,11 +401,16 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until done (a module function so tests can simulate a full disk)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, data: Data) -> None:
+    """os.writev until done (a module function so tests can simulate a full disk)."""
+    bufs = [memoryview(b) for b in (data if isinstance(data, list) else [data])]
+    while bufs:
+        n = os.writev(fd, bufs[:1024])
+        while n:
+            if n >= len(bufs[0]):
+                n -= len(bufs.pop(0))
+            else:
+                bufs[0], n = bufs[0][n:], 0
 
 
 def _fsync_dir(path: str | Path) -> None:
@@ -438,7 +445,7 @@ class _FileBackend:
             return StoreError(f"no space left on device while writing {path} (store {self.root})")
         return StoreError(f"cannot {op} {path}: {e.strerror or e}")
 
-    def put(self, key: str, data: bytes, *, bulk: bool = False) -> None:
+    def put(self, key: str, data: Data, *, bulk: bool = False) -> None:
         path = self._path(key)
         parent, name = os.path.split(path)
         tmp = f"{parent}/{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
@@ -569,7 +576,7 @@ class _FileTransfers:
         self._backend = backend
         self._pool = cf.ThreadPoolExecutor(backend._concurrency, thread_name_prefix="mmshim-store-io")
 
-    def put(self, key: str, data: bytes) -> cf.Future[None]:
+    def put(self, key: str, data: Data) -> cf.Future[None]:
         return self._pool.submit(self._backend.put, key, data, bulk=True)
 
     def get(self, key: str, size: int) -> cf.Future[bytes]:
@@ -777,10 +784,11 @@ class _S3Transfers:
             ),
         )
 
-    def put(self, key: str, data: bytes) -> cf.Future[None]:
+    def put(self, key: str, data: Data) -> cf.Future[None]:
         target: cf.Future[None] = cf.Future()
         sub = _subscriber_class()(target, lambda: None, None, lambda e: self._b.error("PUT", key, e))
-        self._tm.upload(io.BytesIO(data), self._b.bucket, self._b._k(key), self._b._bulk, [sub])
+        body = b"".join(data) if isinstance(data, list) else data  # s3transfer reads a file object
+        self._tm.upload(io.BytesIO(body), self._b.bucket, self._b._k(key), self._b._bulk, [sub])
         return target
 
     def get(self, key: str, size: int) -> cf.Future[bytes]:
@@ -1110,7 +1118,7 @@ class Store:
 
     # -- saving --------------------------------------------------------------------------------
 
-    def _compress(self, raw: bytes) -> bytes:
+    def _compress(self, raw: bytes) -> Data:
         """One zstd frame; raw blocks if three 16 KiB samples do not shrink by 3% (page images of
         numeric data): level 1 on them costs 0.45 s per GiB for nothing, framing costs a copy."""
         c = getattr(self._local, "cctx", None)
@@ -1314,9 +1322,10 @@ class Store:
                     ctx.sizes[sha] = obj.size  # young enough that no gc can delete it now
                 else:
                     data = self._compress(raw)
-                    ctx.sizes[sha] = len(data)
+                    size = sum(map(len, data)) if isinstance(data, list) else len(data)
+                    ctx.sizes[sha] = size
                     fut = ctx.transfers.put(key, data)
-                    fut.add_done_callback(functools.partial(self._chunk_written, ctx, len(raw), len(data)))
+                    fut.add_done_callback(functools.partial(self._chunk_written, ctx, len(raw), size))
                     return
             ctx.progress.add(len(raw))
             ctx.pipe.finish()

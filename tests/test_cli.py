@@ -438,16 +438,25 @@ def test_checkpoint_of_unknown_container(config: Path, tmp_path: Path) -> None:
 # serve and imds-emulator
 
 
-def test_serve_calls_the_viewer(config: Path, filled: Filled, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_calls_the_viewer(
+    config: Path, filled: Filled, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     calls = []
     fake = types.ModuleType("mmshim.viewer")
     fake.serve = lambda *args: calls.append(args)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "mmshim.viewer", fake)
     result = run(config, "serve", "--port", "9999", "--token", "t0k")
     assert result.exit_code == 0, result.output
-    assert calls == [(filled.url, "127.0.0.1", 9999, "t0k")]
+    assert calls == [(filled.url, "127.0.0.1", 9999, "t0k", None)]
     result = run(config, "--store", "file:///elsewhere", "serve", "--host", "0.0.0.0")
-    assert calls[-1] == ("file:///elsewhere", "0.0.0.0", 8080, None)
+    assert calls[-1] == ("file:///elsewhere", "0.0.0.0", 8080, None, None)
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"instances": {}}')
+    run(config, "serve", "--prices", str(prices))
+    assert calls[-1][-1] == str(prices)
+    assert_clean_error(
+        run(config, "serve", "--prices", str(tmp_path / "none.json")), "cannot read price table"
+    )
 
 
 def test_imds_emulator_passthrough(config: Path) -> None:
