@@ -246,13 +246,14 @@ def _manifest_key(job: str, cid: str) -> str:
 Data = bytes | list[bytes | memoryview]
 _SAMPLE = 16 * KiB
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_RAW_FRAME_START = _ZSTD_MAGIC + b"\xe0"  # then: single segment, 8-byte content size, no checksum
 _RAW_BLOCK = 128 * KiB  # the largest block zstd allows
 
 
 def _raw_frame(raw: bytes) -> list[bytes | memoryview]:
     """A zstd frame of raw blocks (RFC 8878 3.1): single segment, 8-byte content size, no checksum
     (the chunk's name is its hash). Any zstd decoder reads it. In pieces, the data not copied."""
-    parts = [_ZSTD_MAGIC, b"\xe0", len(raw).to_bytes(8, "little")]
+    parts = [_RAW_FRAME_START, len(raw).to_bytes(8, "little")]
     view = memoryview(raw)
     for off in range(0, len(raw), _RAW_BLOCK):
         block = view[off : off + _RAW_BLOCK]
@@ -261,6 +262,25 @@ def _raw_frame(raw: bytes) -> list[bytes | memoryview]:
     if not raw:
         parts.append(b"\x01\x00\x00")  # one empty last block
     return parts
+
+
+def _raw_blocks(data: bytes, raw_len: int) -> list[memoryview] | None:
+    """The data of a frame _raw_frame made, in place (a restore writes it without decompressing:
+    one copy less per byte); None for any other frame, which zstd then decodes."""
+    head = len(_RAW_FRAME_START) + 8
+    if data[: head - 8] != _RAW_FRAME_START or int.from_bytes(data[head - 8 : head], "little") != raw_len:
+        return None
+    view, pos, parts = memoryview(data), head, []
+    while pos + 3 <= len(data):
+        h = int.from_bytes(data[pos : pos + 3], "little")
+        size, pos = h >> 3, pos + 3
+        if (h >> 1) & 3 or pos + size > len(data):  # not a raw block, or cut short
+            return None
+        parts.append(view[pos : pos + size])
+        pos += size
+        if h & 1:
+            return parts if pos == len(data) else None
+    return None
 
 
 def chunk_hash(raw: bytes) -> str:
@@ -972,11 +992,12 @@ def _reason(marker: bytes) -> str:
         return "?"
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
 
 
 def _pread_full(fd: int, n: int, offset: int, name: str) -> bytes:
@@ -1461,16 +1482,21 @@ class Store:
                 data = fut.result()
             except _NotFound:
                 raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
-            try:
-                if zstandard.frame_content_size(data) != raw_len:
-                    raise zstandard.ZstdError("wrong content size")
-                raw = zstandard.ZstdDecompressor().decompress(data)
-            except zstandard.ZstdError as e:
-                raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
-            if len(raw) != raw_len or chunk_hash(raw) != sha:
+            parts = _raw_blocks(data, raw_len)
+            if parts is None:
+                try:
+                    if zstandard.frame_content_size(data) != raw_len:
+                        raise zstandard.ZstdError("wrong content size")
+                    parts = [zstandard.ZstdDecompressor().decompress(data)]
+                except zstandard.ZstdError as e:
+                    raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
+            hasher = blake3.blake3()
+            for part in parts:
+                hasher.update(part)
+            if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
                 raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
             for fd, offset in targets:
-                _pwrite_all(fd, raw, offset)
+                _pwrite_all(fd, parts, offset)
                 progress.add(raw_len)
             pipe.finish()
         except OSError as e:

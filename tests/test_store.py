@@ -186,6 +186,24 @@ def test_dedup_writes_only_changed_chunks(repo: Repo, tmp_path: Path) -> None:
     assert read_tree(tmp_path / "d2") == read_tree(src)
 
 
+def test_incompressible_chunks_are_framed_raw_and_any_zstd_reads_them(repo: Repo, tmp_path: Path) -> None:
+    """Random pages skip the compressor (a raw-block frame, RFC 8878) and text is compressed;
+    both are plain zstd frames, verified and restored alike."""
+    files = {"criu/pages-1.img": (rand(3 * CHUNK, 5), 0o600), "text": (b"the same line\n" * 20000, 0o644)}
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", files), {})
+    _, entries = st._read_manifest(JOB, info.checkpoint_id)
+    by_name = {f.name: f.chunks for f in entries}
+    for sha, raw_len, stored in by_name["criu/pages-1.img"]:
+        data = st._backend.get(f"chunks/{sha[:2]}/{sha}")
+        assert data.startswith(b"\x28\xb5\x2f\xfd\xe0") and stored == len(data) > raw_len
+        assert zstandard.ZstdDecompressor().decompress(data) == files["criu/pages-1.img"][0][:raw_len]
+        break
+    assert all(stored < raw_len // 10 for _, raw_len, stored in by_name["text"])
+    st.fetch(JOB, info.checkpoint_id, tmp_path / "dest")
+    assert read_tree(tmp_path / "dest") == files
+
+
 def test_growing_files_overlap_dump_and_upload(repo: Repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "criu").mkdir(parents=True)
