@@ -12,9 +12,9 @@ Repository format (version 2), keys relative to the store root
 ------------------------------------------------------------------
 ``chunks/<sha[:2]>/<sha>``
     One chunk of a file: a single zstd frame (level 1 by default; a chunk whose samples do not
-    compress is framed as raw blocks without trying, see _compress) holding the raw bytes whose BLAKE3 hash
-    (256 bits, hex) is <sha>. BLAKE3, not SHA-256: a checkpoint hashes every byte of the
-    container's memory inside the Spot window, and BLAKE3 does 4 GiB/s per core here against
+    compress is framed as raw blocks without trying, see _compress) holding the raw bytes whose
+    BLAKE3 hash (256 bits, hex) is <sha>. BLAKE3, not SHA-256: a checkpoint hashes every byte of
+    the container's memory inside the Spot window, and BLAKE3 does 4 GiB/s per core here against
     SHA-256's 1.2. (Version 1 named chunks by SHA-256; its manifests are refused as unusable.)
     Files are cut at fixed offsets (``chunk_size``, default 4 MiB, a multiple of the page
     size) so an unchanged run of memory pages in a CRIU page image yields the same chunks in the
