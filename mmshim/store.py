@@ -1030,6 +1030,8 @@ class Store:
         self.grace_seconds = grace_seconds  # what gc is run with; decides which chunks a save may reuse
         self._clock: Callable[[], float] = time.time
         self._local = threading.local()
+        self._digest_lock = threading.Lock()
+        self._digest_backlog: dict[str, list[Callable[[dict[str, Any]], bool]]] = {}
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -1718,19 +1720,25 @@ class Store:
         """Apply `change` (True if it changed the digest) until a read-back shows it applied.
 
         The event or manifest it reflects is already written, so a digest rebuilt from them
-        holds the change. A failure is logged only: the digest is derived, the data is safe.
+        holds the change. A failure is logged only (the digest is derived, the data is safe) and
+        the change is kept, to be applied with this process's next change of the job's digest.
         """
-        try:
-            for _ in range(3):
-                doc = self.digest(job)
-                if doc is None:
-                    doc = self._rebuild_digest(job)
-                elif not change(doc):
-                    return
-                self._backend.put(_digest_key(job), _json_bytes(doc))
-            log.warning("digest of %s still changing under concurrent writers; left as is", job)
-        except StoreError as e:
-            log.warning("digest of %s not updated: %s", job, e)
+        with self._digest_lock:
+            changes = self._digest_backlog.setdefault(job, [])
+            changes.append(change)
+            try:
+                for _ in range(3):
+                    doc = self.digest(job)
+                    if doc is None:
+                        doc = self._rebuild_digest(job)
+                    elif not any([c(doc) for c in changes]):
+                        del self._digest_backlog[job]
+                        return
+                    self._backend.put(_digest_key(job), _json_bytes(doc))
+                log.warning("digest of %s still changing under concurrent writers; left as is", job)
+                del self._digest_backlog[job]
+            except StoreError as e:
+                log.warning("digest of %s not updated (%d changes kept): %s", job, len(changes), e)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from mmshim import digest
-from mmshim.store import Store, open_store
+from mmshim.store import Store, StoreError, open_store
 from mmshim.viewer import Viewer, make_app, summarize, write_sample_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -574,6 +574,27 @@ def test_store_digest_survives_damage_and_lost_updates(env: dict[str, Any], monk
     monkeypatch.setattr(store._backend, "put", put)
     store.put_event(JOB_B, {**ev, "time": T0 + 90001, "event": "exit", "exit_code": 0})
     assert clobbered and store.digest(JOB_B)["events"] == 6
+    views_agree(store, JOB_B, now)
+
+
+def test_digest_catches_up_after_a_failed_update(env: dict[str, Any], monkeypatch: Any) -> None:
+    """An event stored while its digest could not be written is folded in with the next one."""
+    store, now = env["store"], env["now"][0]
+    real_put = store._backend.put
+    failing = [True]
+
+    def put(k: str, data: bytes, **kw: Any) -> None:
+        if k.endswith("digest.json") and failing[0]:
+            raise StoreError("simulated outage")
+        real_put(k, data, **kw)
+
+    monkeypatch.setattr(store._backend, "put", put)
+    ev = {**base(JOB_B, 2, "host-y"), "time": T0 + 95000, "event": "start"}
+    store.put_event(JOB_B, ev)  # the event is stored, its digest update is not
+    assert store.digest(JOB_B)["events"] == 4
+    failing[0] = False
+    store.put_event(JOB_B, {**ev, "time": T0 + 95001, "event": "exit", "exit_code": 0})
+    assert store.digest(JOB_B)["events"] == 6
     views_agree(store, JOB_B, now)
 
 
