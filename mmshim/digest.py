@@ -49,15 +49,12 @@ DAY_FIELDS = (
     "kept_vcpu_hours",
 )
 MAX_FIELDS = frozenset(k for k in DAY_FIELDS if k.endswith("_max"))
-# An attempt as folded (plus the times that order some of its fields: mode_t, spot_t, exit_t)...
+# An attempt as folded, plus the times that order some of its fields (mode_t, spot_t, exit_t);
+# a view drops those and adds outcome, instance_hours, cost_usd, on_demand_usd, kept_* .
 FOLDED = (
     "attempt", "start", "end", *IDENTITY, "vcpus", "container_ids", "mode", "restored_from",
     "restore_duration_s", "progress_s", "fallback_reason", "checkpoints", "checkpoints_failed",
     "spot_notice", "spot_action", "rebalance", "exit_code", "events",
-)  # fmt: skip
-# ... and as a view shows it.
-ATTEMPT_FIELDS = (
-    *FOLDED, "outcome", "instance_hours", "cost_usd", "on_demand_usd", "kept_vcpu_hours", "kept_usd"
 )  # fmt: skip
 
 
