@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,38 @@ def product(itype: str, usd: str, vcpu: str) -> str:
             },
         }
     )
+
+
+@pytest.fixture
+def pricing_endpoint() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A Pricing API (JSON 1.1 GetProducts) on 127.0.0.1 knowing m5.large only; yields its URL and
+    the requests it got."""
+    seen: list[dict[str, Any]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"target": self.headers["X-Amz-Target"], **body})
+            itype = {f["Field"]: f["Value"] for f in body["Filters"]}["instanceType"]
+            listed = [product("m5.large", "0.0960000000", "2")] if itype == "m5.large" else []
+            out = json.dumps({"PriceList": listed, "FormatVersion": "aws_v1"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}", seen
+    finally:
+        httpd.shutdown()
+        thread.join(10)
 
 
 @pytest.fixture
@@ -119,3 +154,25 @@ def test_cli_shows_the_table_and_refresh_failures_are_clear(s3_server: str, tmp_
     )  # fmt: skip
     assert failed.returncode == 2, failed.stderr
     assert "cannot refresh prices from AWS" in failed.stderr and not out.exists()
+
+
+def test_cli_refresh_writes_a_table_the_viewer_loads(
+    s3_server: str, pricing_endpoint: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The whole command: Pricing API and EC2 on loopback, the table written, a gap reported."""
+    url, seen = pricing_endpoint
+    out = tmp_path / "prices.json"
+    env = {**os.environ, "AWS_ENDPOINT_URL_PRICING": url}
+    done = subprocess.run(
+        [*mmshimctl(), "--json", "prices", "--refresh", "--type", "m5.large", "--type", "z9.none",
+         "--out", str(out), "--ec2-endpoint-url", s3_server],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "warning: z9.none: no on-demand price in us-east-1" in done.stderr
+    assert [r["target"] for r in seen] == ["AWSPriceListService.GetProducts"] * 2
+    table = pricing.load_prices(out)
+    assert table["instances"]["m5.large"]["on_demand"] == 0.096
+    assert table["instances"]["m5.large"]["spot"] == pytest.approx(0.00001)
+    assert table["instances"]["c5.xlarge"] == pricing.load_prices()["instances"]["c5.xlarge"]  # kept
+    assert json.loads(done.stdout)["problems"] == ["z9.none: no on-demand price in us-east-1"]
