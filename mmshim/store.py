@@ -100,6 +100,7 @@ __all__ = [
     "Store",
     "StoreError",
     "chunk_hash",
+    "encode_manifest",
     "open_store",
     "validate_job_id",
 ]
@@ -311,7 +312,8 @@ def _json_bytes(doc: Any) -> bytes:
 # Manifest encoding
 
 
-def _encode_manifest(doc: dict[str, Any]) -> bytes:
+def encode_manifest(doc: dict[str, Any]) -> bytes:
+    """A manifest file's bytes (see the module docstring); also what sample stores are made of."""
     body = _json_bytes(doc)
     return _MANIFEST_HEAD + body + b',"sha256":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
 
@@ -1223,7 +1225,7 @@ class Store:
             _fault("before_manifest")
             if abort is not None and abort.is_set():
                 raise StoreError(f"checkpoint {job}/{cid} aborted: its source failed")
-            self._backend.put(_manifest_key(job, cid), _encode_manifest(doc), bulk=True)
+            self._backend.put(_manifest_key(job, cid), encode_manifest(doc), bulk=True)
             _fault("manifest_written")
         except BaseException as e:
             try:

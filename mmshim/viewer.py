@@ -28,7 +28,6 @@ import calendar
 import concurrent.futures as cf
 import contextlib
 import gc
-import hashlib
 import hmac
 import io
 import json
@@ -59,6 +58,7 @@ from mmshim.store import (
     Store,
     StoreError,
     chunk_hash,
+    encode_manifest,
     open_store,
     validate_job_id,
 )
@@ -868,7 +868,8 @@ class _SampleWriter:
             time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
             + f".{ms:03d}Z-{self.rng.getrandbits(24):06x}"
         )
-        body = json.dumps(
+        size = sum(f["size"] for f in files)
+        data = encode_manifest(
             {
                 "format": FORMAT,
                 "job_id": job,
@@ -876,16 +877,13 @@ class _SampleWriter:
                 "created": created,
                 "chunk_size": _SAMPLE_CHUNK,
                 "compression": "zstd",
-                "size": sum(f["size"] for f in files),
+                "size": size,
                 "stored": stored,
                 "meta": meta,
                 "files": files,
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
-        data = b'{"manifest":' + body + b',"sha256":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
-        info = CheckpointInfo(job, cid, created, sum(f["size"] for f in files), stored, "good", meta)
+            }
+        )
+        info = CheckpointInfo(job, cid, created, size, stored, "good", meta)
         self.pending.append((f"jobs/{job}/checkpoints/{cid}.json", data, info))
         return cid
 

@@ -516,7 +516,7 @@ def test_hostile_manifest_names_are_refused(repo: Repo, tmp_path: Path, name: st
     info = st.save(JOB, write_tree(tmp_path / "src", {"a": (b"payload", 0o644)}), {})
     doc, _ = st._read_manifest(JOB, info.checkpoint_id)
     doc["files"][0]["name"] = name.format(outside=outside)
-    st._backend.put(f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json", store_mod._encode_manifest(doc))
+    st._backend.put(f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json", store_mod.encode_manifest(doc))
 
     work = tmp_path / "work"
     with pytest.raises(CheckpointUnusable):
