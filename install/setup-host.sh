@@ -12,6 +12,8 @@ VENV=$PREFIX/venv
 CRIU_VERSION=4.1.1
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_SRC=$PREFIX/src/criu-$CRIU_VERSION
+CRIU_PATCH=$REPO/install/criu-rpc-stream.patch
+CRIU_MARK=v$CRIU_VERSION+mmshim-rpc-stream  # criu --version's GitID: mmshim streams restores with it
 
 log() { printf '[setup-host] %s\n' "$*" >&2; }
 die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -20,7 +22,7 @@ die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- Debian packages
 APT_PKGS=(runc iptables docker.io containerd busybox-static python3-venv python3-dev gcc libc6-dev make
-  git ca-certificates curl xz-utils
+  git ca-certificates curl xz-utils patch
   libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
   pkgconf protobuf-c-compiler protobuf-compiler python3-protobuf uuid-dev libnftables-dev libaio-dev)
 
@@ -40,7 +42,12 @@ debian_packages() {
 
 # Debian 12's criu 3.17 fails on current kernels (vDSO layout); build 4.1.1 from Debian 13's source.
 criu_source() {
-  [ -f "$CRIU_SRC/Makefile" ] && return 0
+  [ -f "$CRIU_SRC/Makefile" ] || criu_extract
+  grep -q 'opts.mode == CR_RESTORE ? O_RSTR' "$CRIU_SRC/criu/cr-service.c" ||
+    patch -d "$CRIU_SRC" -p1 --forward -s <"$CRIU_PATCH" || die "cannot apply $CRIU_PATCH"
+}
+
+criu_extract() {
   local src=/etc/apt/sources.list.d/mmshim-trixie-src.sources
   if [ ! -f "$src" ]; then
     cat >"$src" <<SRC
@@ -66,12 +73,12 @@ SRC
 }
 
 criu_build() {
-  if [ -x /usr/local/sbin/criu ] && /usr/local/sbin/criu --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; then
+  if [ -x /usr/local/sbin/criu ] && /usr/local/sbin/criu --version 2>/dev/null | grep -qF "GitID: $CRIU_MARK"; then
     return 0
   fi
   criu_source
-  log "building CRIU $CRIU_VERSION (about a minute)"
-  make -C "$CRIU_SRC" -j"$(nproc)" criu >"$PREFIX/src/criu-build.log" 2>&1 || die "CRIU build failed: see $PREFIX/src/criu-build.log"
+  log "building CRIU $CRIU_VERSION with $(basename "$CRIU_PATCH") (about a minute)"
+  make -C "$CRIU_SRC" -j"$(nproc)" criu GITID="$CRIU_MARK" >"$PREFIX/src/criu-build.log" 2>&1 || die "CRIU build failed: see $PREFIX/src/criu-build.log"
   install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
 }
 

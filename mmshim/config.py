@@ -22,6 +22,7 @@ class Settings:
     protect: bool = True
     interval: float = 900.0  # seconds between interval checkpoints; the first one interval after start
     diagnosis: bool = False  # keep every checkpoint and its logs, even after success
+    restore_stream: bool = True  # page images go into CRIU while they download (a patched CRIU)
     tcp: str = "close"  # established connections come back closed (their peer is gone on a new host)
     mounts: tuple[str, ...] = ("/dev/shm",)  # container paths whose contents travel with a checkpoint
     mount_cap: int = 1 << 30  # bytes per mount; larger refuses the checkpoint instead of dropping data
@@ -78,6 +79,8 @@ def job_from_env(env: dict[str, str], settings: Settings) -> Job | None:
         raise ValueError(f"bad mmshim setting in the job's environment: {exc}") from exc
     if "MMSHIM_DIAGNOSIS" in env:
         overrides["diagnosis"] = env["MMSHIM_DIAGNOSIS"].lower() in TRUE
+    if "MMSHIM_RESTORE_STREAM" in env:
+        overrides["restore_stream"] = env["MMSHIM_RESTORE_STREAM"].lower() in TRUE
     if env.get("MMSHIM_TCP") in ("close", "established"):
         overrides["tcp"] = env["MMSHIM_TCP"]
     return Job(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -22,9 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mmshim import layer
+from mmshim import layer, streamer
 from mmshim.config import Settings
-from mmshim.store import CheckpointInfo, Store
+from mmshim.store import CheckpointInfo, CheckpointUnusable, Store
 
 log = logging.getLogger("mmshim.engine")
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
@@ -206,6 +207,20 @@ def checkpoint(
     return result["info"]
 
 
+STREAMED = re.compile(r"criu/pages-\d+\.img")  # page images: nearly all of a checkpoint's bytes
+
+
+def criu_of(runc: Runc) -> str:
+    """The CRIU that runc runs: its --criu global flag, else `criu` on PATH."""
+    argv = runc.global_argv
+    for i, arg in enumerate(argv):
+        if arg == "--criu" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--criu="):
+            return arg.split("=", 1)[1]
+    return shutil.which("criu") or "criu"
+
+
 def restore(
     runc: Runc,
     container_id: str,
@@ -222,11 +237,42 @@ def restore(
     """Restore the job's newest good checkpoint in place of `runc create`; None: nothing to restore.
 
     With ``checkpoint_id`` that checkpoint instead (no fallback: the operator chose it; a missing
-    or damaged one raises CheckpointUnusable). ``progress`` follows the fetch (Store.fetch);
-    ``timings`` gets the seconds of each phase (fetch_s, apply_s, runc_restore_s). On any failure
-    the bundle's rootfs and config are put back as they were, so a plain create can follow.
+    or damaged one raises CheckpointUnusable). ``progress`` gets the running total of bytes
+    restored; ``timings`` the seconds of each phase (fetch_s, apply_s, runc_restore_s). With a
+    CRIU that can (streamer.supported), page images are not fetched first but streamed into
+    `runc restore` as they download; a damaged chunk found then fails that restore, marks its
+    checkpoint bad and the previous one is tried, as a damage found by a fetch would be. On any
+    failure the bundle's rootfs and config are put back as they were, so a plain create can follow.
     """
-    timings = {} if timings is None else timings
+    stream = settings.restore_stream and streamer.supported(criu_of(runc))
+    tried: set[str] = set()
+    while True:
+        try:
+            return _restore(
+                runc, container_id, bundle, pid_file, spec, store, job_id, settings,
+                checkpoint_id, progress, {} if timings is None else timings, stream, tried,
+            )  # fmt: skip
+        except CheckpointUnusable as e:
+            if checkpoint_id is not None:
+                raise
+            log.warning("checkpoint unusable, trying the previous one: %s", e)
+
+
+def _restore(
+    runc: Runc,
+    container_id: str,
+    bundle: str,
+    pid_file: str | None,
+    spec: dict,
+    store: Store,
+    job_id: str,
+    settings: Settings,
+    checkpoint_id: str | None,
+    progress: Callable[[int], None] | None,
+    timings: dict[str, float],
+    stream: bool,
+    tried: set[str],
+) -> CheckpointInfo | None:
     t0 = time.monotonic()
     os.makedirs(settings.workdir, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix="restore-", dir=settings.workdir))
@@ -234,11 +280,25 @@ def restore(
     config = Path(bundle) / "config.json"
     original_config = config.read_bytes()
     applied = False
+    done: dict[str, int] = {}
+
+    def report(name: str) -> Callable[[int], None]:
+        def add(total: int) -> None:
+            done[name] = total
+            if progress is not None:
+                progress(sum(done.values()))
+
+        return add
+
     try:
-        info = fetch(store, job_id, str(dest), checkpoint_id, progress)
+        defer = STREAMED.fullmatch if stream else None
+        info = fetch(store, job_id, str(dest), checkpoint_id, report(""), defer)
         timings["fetch_s"] = time.monotonic() - t0
         if info is None:
             return None
+        if info.checkpoint_id in tried:  # its bad mark could not be written: do not loop on it
+            raise EngineError(f"checkpoint {info.checkpoint_id} failed already in this restore")
+        tried.add(info.checkpoint_id)
         args = (spec.get("process") or {}).get("args")
         if info.meta.get("args") != args:
             raise EngineError(
@@ -252,10 +312,12 @@ def restore(
         layer.apply_diff(str(dest / "rootfs.tar"), rootfs)
         for i, mount in enumerate(info.meta.get("mounts") or ()):
             layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
+        criu_options = ["tcp-close"] if settings.tcp == "close" else []
+        criu_options += ["stream"] if info.deferred else []
         restore_spec = dict(spec)
-        if settings.tcp == "close":
+        if criu_options:
             conf = dest / "criu.conf"
-            conf.write_text("tcp-close\n")
+            conf.write_text("".join(f"{o}\n" for o in criu_options))
             restore_spec["annotations"] = {
                 **(spec.get("annotations") or {}),
                 CRIU_CONFIG_ANNOTATION: str(conf),
@@ -278,7 +340,19 @@ def restore(
         if pid_file:
             argv += ["--pid-file", pid_file]
         t1 = time.monotonic()
-        runc.run(*argv, container_id, inherit_stdio=True)
+        writers = {
+            name.removeprefix("criu/"): functools.partial(f.write_to, progress=report(name))
+            for name, f in info.deferred.items()
+        }
+        images = streamer.Streamer(dest / "criu", writers) if writers else None
+        with images or contextlib.nullcontext():
+            try:
+                runc.run(*argv, container_id, inherit_stdio=True)
+            except EngineError as e:
+                damage = [x for x in (images.errors if images else ()) if isinstance(x, CheckpointUnusable)]
+                if damage:
+                    raise damage[0] from e
+                raise
         timings["runc_restore_s"] = time.monotonic() - t1
         return info
     except BaseException:
@@ -296,11 +370,12 @@ def fetch(
     dest: str,
     checkpoint_id: str | None = None,
     progress: Callable[[int], None] | None = None,
+    defer: Callable[[str], object] | None = None,
 ) -> CheckpointInfo | None:
     """What restore fetches: the chosen checkpoint (no fallback), else the newest good one."""
     if checkpoint_id is not None:
-        return store.fetch(job_id, checkpoint_id, dest, progress)
-    return store.fetch_latest(job_id, dest, progress)
+        return store.fetch(job_id, checkpoint_id, dest, progress, defer)
+    return store.fetch_latest(job_id, dest, progress, defer)
 
 
 def undo(runc: Runc, container_id: str, rootfs: str, dest: Path) -> None:

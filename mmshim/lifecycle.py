@@ -238,6 +238,7 @@ def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
         checkpoint_id=info.checkpoint_id,
         duration_s=time.monotonic() - t0,
         progress_s=progress,
+        streamed=bool(info.deferred),  # page images went into CRIU while they downloaded
         **timings,
     )
     with open(os.path.join(state_dir(inv), RESTORED_MARK), "w") as f:

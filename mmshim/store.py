@@ -65,6 +65,7 @@ outside the destination directory.
 from __future__ import annotations
 
 import calendar
+import collections
 import concurrent.futures as cf
 import contextlib
 import errno
@@ -150,6 +151,7 @@ class CheckpointInfo:
     stored: int  # compressed chunk bytes this save newly wrote
     state: str  # "good" | "bad"
     meta: dict[str, Any] = field(default_factory=dict)
+    deferred: dict[str, DeferredFile] = field(default_factory=dict, repr=False)  # fetch(defer=...)
 
 
 # Test hook: called at named points of a save (crash-safety tests make it os._exit). Never set in
@@ -265,13 +267,14 @@ def _raw_frame(raw: bytes) -> list[bytes | memoryview]:
     return parts
 
 
-def _raw_blocks(data: bytes, raw_len: int) -> list[memoryview] | None:
+def _raw_blocks(data: bytes, raw_len: int) -> list[bytes | memoryview] | None:
     """The data of a frame _raw_frame made, in place (a restore writes it without decompressing:
     one copy less per byte); None for any other frame, which zstd then decodes."""
     head = len(_RAW_FRAME_START) + 8
     if data[: head - 8] != _RAW_FRAME_START or int.from_bytes(data[head - 8 : head], "little") != raw_len:
         return None
-    view, pos, parts = memoryview(data), head, []
+    view, pos = memoryview(data), head
+    parts: list[bytes | memoryview] = []
     while pos + 3 <= len(data):
         h = int.from_bytes(data[pos : pos + 3], "little")
         size, pos = h >> 3, pos + 3
@@ -1012,6 +1015,70 @@ def _pread_full(fd: int, n: int, offset: int, name: str) -> bytes:
     return data
 
 
+def _verified(fut: cf.Future[bytes], where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
+    """A downloaded chunk's raw data (in place when stored as raw blocks), checked against its name."""
+    try:
+        data = fut.result()
+    except _NotFound:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+    parts = _raw_blocks(data, raw_len)
+    if parts is None:
+        try:
+            if zstandard.frame_content_size(data) != raw_len:
+                raise zstandard.ZstdError("wrong content size")
+            parts = [zstandard.ZstdDecompressor().decompress(data)]
+        except zstandard.ZstdError as e:
+            raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
+    hasher = blake3.blake3()
+    for part in parts:
+        hasher.update(part)
+    if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
+    return parts
+
+
+class DeferredFile:
+    """A checkpoint file that a fetch left out, to be written in order into a pipe (CRIU reading
+    its page images while they arrive). Chunks are downloaded and verified ``window`` ahead of
+    the writer, so memory is that many chunks per file being written, whatever its size."""
+
+    def __init__(self, store: Store, job: str, cid: str, entry: _FileEntry) -> None:
+        self._store, self._job, self._cid, self._entry = store, job, cid, entry
+        self.size = entry.size
+
+    def write_to(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
+        """Write the data, each chunk verified before any of it is written. A damaged chunk
+        marks the checkpoint bad and raises CheckpointUnusable; what was written is then cut
+        short, never wrong."""
+        store, where = self._store, f"{self._job}/{self._cid}"
+        chunks, ahead = iter(self._entry.chunks), collections.deque[cf.Future]()
+        report = _Progress(progress)
+        with (
+            store._backend.transfers() as transfers,
+            cf.ThreadPoolExecutor(store.concurrency, thread_name_prefix="mmshim-stream") as cpu,
+        ):
+
+            def next_chunk() -> None:
+                for sha, raw, stored in chunks:  # at most one
+                    fut = transfers.get(_chunk_key(sha), stored)
+                    ahead.append(cpu.submit(_verified, fut, where, sha, raw))
+                    return
+
+            try:
+                for _ in range(store.concurrency):
+                    next_chunk()
+                while ahead:
+                    parts = ahead.popleft().result()
+                    next_chunk()
+                    _write_all(fd, parts)
+                    report.add(sum(map(len, parts)))
+            except CheckpointUnusable as e:
+                store._mark_bad(self._job, self._cid, str(e))
+                raise
+            finally:
+                cpu.shutdown(cancel_futures=True)
+
+
 class Store:
     """A checkpoint repository; see the module docstring for the format and its guarantees."""
 
@@ -1379,16 +1446,18 @@ class Store:
         checkpoint_id: str,
         dest_dir: str | os.PathLike[str],
         progress: Callable[[int], None] | None = None,
+        defer: Callable[[str], bool] | None = None,
     ) -> CheckpointInfo:
         """Write the checkpoint's files into dest_dir, verifying every chunk.
 
-        On any failure the files this call wrote (created or overwrote) are removed again. A
-        damaged checkpoint is marked bad and CheckpointUnusable raised. Other failures (S3
-        unreachable) raise StoreError and mark nothing: the checkpoint may be fine.
+        Files whose name ``defer`` accepts are not written: they are in the result's ``deferred``,
+        to be streamed later. On any failure the files this call wrote (created or overwrote) are
+        removed again. A damaged checkpoint is marked bad and CheckpointUnusable raised. Other
+        failures (S3 unreachable) raise StoreError and mark nothing: the checkpoint may be fine.
         """
         job = validate_job_id(job_id)
         cid = _check_checkpoint_id(checkpoint_id)
-        return self._fetch(job, cid, dest_dir, progress, check_bad=True)
+        return self._fetch(job, cid, dest_dir, progress, check_bad=True, defer=defer)
 
     def _fetch(
         self,
@@ -1397,6 +1466,7 @@ class Store:
         dest_dir: str | os.PathLike[str],
         progress: Callable[[int], None] | None,
         check_bad: bool,
+        defer: Callable[[str], bool] | None = None,
     ) -> CheckpointInfo:
         where = f"{job}/{cid}"
         if check_bad:
@@ -1413,6 +1483,8 @@ class Store:
         except CheckpointUnusable as e:
             self._mark_bad(job, cid, str(e))
             raise
+        deferred = {f.name: DeferredFile(self, job, cid, f) for f in files if defer and defer(f.name)}
+        files = [f for f in files if f.name not in deferred]
         writer = _TreeWriter(dest_dir)
         try:
             self._fetch_files(files, writer, _Progress(progress), where)
@@ -1431,9 +1503,16 @@ class Store:
         finally:
             writer.close()
         log.info(
-            "fetched checkpoint %s into %s (%d files, %s bytes)", where, writer.root, len(files), doc["size"]
+            "fetched checkpoint %s into %s (%d files, %d deferred, %s bytes in all)",
+            where,
+            writer.root,
+            len(files),
+            len(deferred),
+            doc["size"],
         )
-        return self._info(job, cid, doc, "good")
+        info = self._info(job, cid, doc, "good")
+        info.deferred = deferred
+        return info
 
     def _fetch_files(
         self, files: list[_FileEntry], writer: _TreeWriter, progress: _Progress, where: str
@@ -1482,23 +1561,7 @@ class Store:
         fut: cf.Future[bytes],
     ) -> None:
         try:
-            try:
-                data = fut.result()
-            except _NotFound:
-                raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
-            parts = _raw_blocks(data, raw_len)
-            if parts is None:
-                try:
-                    if zstandard.frame_content_size(data) != raw_len:
-                        raise zstandard.ZstdError("wrong content size")
-                    parts = [zstandard.ZstdDecompressor().decompress(data)]
-                except zstandard.ZstdError as e:
-                    raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
-            hasher = blake3.blake3()
-            for part in parts:
-                hasher.update(part)
-            if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
-                raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
+            parts = _verified(fut, where, sha, raw_len)
             for fd, offset in targets:
                 _pwrite_all(fd, parts, offset)
                 progress.add(raw_len)
@@ -1513,6 +1576,7 @@ class Store:
         job_id: str,
         dest_dir: str | os.PathLike[str],
         progress: Callable[[int], None] | None = None,
+        defer: Callable[[str], bool] | None = None,
     ) -> CheckpointInfo | None:
         """Fetch the newest good checkpoint, falling back past damaged ones; None if none is left.
 
@@ -1526,7 +1590,7 @@ class Store:
             if cid in bad:
                 continue
             try:
-                return self._fetch(job, cid, dest_dir, progress, check_bad=False)
+                return self._fetch(job, cid, dest_dir, progress, check_bad=False, defer=defer)
             except CheckpointUnusable as e:
                 log.warning("checkpoint %s/%s unusable, trying the previous one: %s", job, cid, e)
         return None

@@ -64,6 +64,7 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store)
     names = events(store, job)
     assert "restore.fallback" not in names
     assert names.index("restore.attempted") < names.index("restore.succeeded")
+    assert [e["streamed"] for e in store.events(job) if e["event"] == "restore.succeeded"] == [True]
     wait_for(lambda: not store.checkpoints(job), "checkpoints to be deleted after success")
 
 
@@ -155,6 +156,43 @@ def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_serve
     assert code == 0 and out.splitlines()[-2:] == expected(40)
     succeeded = [e for e in store.events(job) if e["event"] == "restore.succeeded"]
     assert [e["checkpoint_id"] for e in succeeded] == [previous.checkpoint_id]
+
+
+def test_damage_found_while_streaming_restores_previous(
+    docker: Docker, store: Store, s3_server: str
+) -> None:
+    """A chunk of the latest checkpoint's page images, which CRIU reads while they download, is
+    corrupt: that restore fails part-way, the checkpoint is marked bad and the previous one is
+    restored (streamed too), in the same create."""
+    import json
+
+    import boto3
+
+    from tests.services import E2E_BUCKET
+
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    first = run_job(docker, job, 1, MMSHIM_INTERVAL="1.5")
+    wait_for(lambda: len([c for c in store.checkpoints(job) if c.state == "good"]) >= 2, "two checkpoints")
+    docker.run("rm", "-f", first)
+    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+    latest, previous = store.checkpoints(job)[:2]
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+
+    def page_chunks(cid: str) -> set[str]:
+        key = f"mmshim/jobs/{job}/checkpoints/{cid}.json"
+        doc = json.loads(s3.get_object(Bucket=E2E_BUCKET, Key=key)["Body"].read())["manifest"]
+        return {c[0] for f in doc["files"] if f["name"].startswith("criu/pages-") for c in f["chunks"]}
+
+    sha = sorted(page_chunks(latest.checkpoint_id) - page_chunks(previous.checkpoint_id))[0]
+    chunk = f"mmshim/chunks/{sha[:2]}/{sha}"
+    body = bytearray(s3.get_object(Bucket=E2E_BUCKET, Key=chunk)["Body"].read())
+    body[len(body) // 2] ^= 0xFF  # one flipped bit in the middle: the hash tells
+    s3.put_object(Bucket=E2E_BUCKET, Key=chunk, Body=bytes(body))
+    code, out = finish(docker, run_job(docker, job, 2))
+    assert code == 0 and out.splitlines()[-2:] == expected(40)
+    succeeded = [e for e in store.events(job) if e["event"] == "restore.succeeded"]
+    assert [(e["checkpoint_id"], e["streamed"]) for e in succeeded] == [(previous.checkpoint_id, True)]
+    assert "restore.fallback" not in events(store, job)
 
 
 def test_failed_job_keeps_checkpoints(docker: Docker, store: Store) -> None:
