@@ -1049,9 +1049,12 @@ class DeferredFile:
     def write_to(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
         """Write the data, each chunk verified before any of it is written. A damaged chunk
         marks the checkpoint bad and raises CheckpointUnusable; what was written is then cut
-        short, never wrong."""
+        short, never wrong. A chunk that recurs soon (zero or repeated pages) is fetched and
+        verified once: the last ``concurrency`` distinct chunks are kept."""
         store, where = self._store, f"{self._job}/{self._cid}"
-        chunks, ahead = iter(self._entry.chunks), collections.deque[cf.Future]()
+        chunks = iter(self._entry.chunks)
+        ahead: collections.deque[cf.Future] = collections.deque()
+        recent: collections.OrderedDict[str, cf.Future] = collections.OrderedDict()
         report = _Progress(progress)
         with (
             store._backend.transfers() as transfers,
@@ -1060,8 +1063,13 @@ class DeferredFile:
 
             def next_chunk() -> None:
                 for sha, raw, stored in chunks:  # at most one
-                    fut = transfers.get(_chunk_key(sha), stored)
-                    ahead.append(cpu.submit(_verified, fut, where, sha, raw))
+                    if sha not in recent:
+                        got = transfers.get(_chunk_key(sha), stored)
+                        recent[sha] = cpu.submit(_verified, got, where, sha, raw)
+                        if len(recent) > store.concurrency:
+                            recent.popitem(last=False)
+                    recent.move_to_end(sha)
+                    ahead.append(recent[sha])
                     return
 
             try:

@@ -452,6 +452,68 @@ def test_damage_found_by_fetch_latest_falls_back(repo: Repo, tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# Deferred files: streamed, in order, into a restoring CRIU's pipe
+
+PAGES = "criu/pages-1.img"
+
+
+def drain(st_file: store_mod.DeferredFile, progress: Any = None) -> tuple[bytes, BaseException | None]:
+    """What write_to puts into a pipe (read as it comes, as CRIU does), and what it raised."""
+    r, w = os.pipe()
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: os.read(r, 1 << 16), b"")))
+    reader.start()
+    error = None
+    try:
+        st_file.write_to(w, progress)
+    except BaseException as e:
+        error = e
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    return b"".join(out), error
+
+
+def test_deferred_file_streams_what_fetch_would_write(repo: Repo, tmp_path: Path) -> None:
+    files = sample_files()
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", files), {})
+    dest = tmp_path / "dest"
+    got = st.fetch(JOB, info.checkpoint_id, dest, defer=lambda name: name.startswith("criu/pages-"))
+    assert read_tree(dest) == {k: v for k, v in files.items() if k != PAGES}  # left out
+    assert list(got.deferred) == [PAGES] and got.deferred[PAGES].size == len(files[PAGES][0])
+    totals: list[int] = []
+    data, error = drain(got.deferred[PAGES], totals.append)
+    assert error is None and data == files[PAGES][0]
+    assert totals[-1] == len(data) and totals == sorted(totals)
+
+
+@pytest.mark.parametrize("how", ["corrupt_chunk", "garbage_chunk", "delete_chunk"])
+def test_deferred_damage_marks_bad_and_stops_short(repo: Repo, tmp_path: Path, how: str) -> None:
+    """Damage found while streaming: nothing wrong is written (what CRIU got is a prefix of the
+    true data), the checkpoint is marked bad and the next fetch_latest takes the previous one."""
+    st = repo.open()
+    a = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
+    files_b = sample_files(2)
+    b = st.save(JOB, write_tree(tmp_path / "b", files_b), {})
+    _, entries = st._read_manifest(JOB, b.checkpoint_id)
+    pages = {f"chunks/{sha[:2]}/{sha}" for f in entries if f.name == PAGES for sha, _, _ in f.chunks}
+    others = manifest_chunks(st, JOB, b.checkpoint_id) - pages | manifest_chunks(st, JOB, a.checkpoint_id)
+    damage(st, JOB, b.checkpoint_id, how, exclude=others)
+    defer = PAGES.__eq__
+    got = st.fetch_latest(JOB, tmp_path / "dest", defer=defer)  # the small files are all right
+    assert got.checkpoint_id == b.checkpoint_id
+    data, error = drain(got.deferred[PAGES])
+    assert isinstance(error, CheckpointUnusable)
+    assert len(data) < len(files_b[PAGES][0]) and files_b[PAGES][0].startswith(data)
+    assert {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}[b.checkpoint_id] == "bad"
+    again = st.fetch_latest(JOB, tmp_path / "dest2", defer=defer)
+    assert again.checkpoint_id == a.checkpoint_id
+    assert drain(again.deferred[PAGES]) == (sample_files(1)[PAGES][0], None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Hostile input
 
 HOSTILE_IDS = [
