@@ -8,7 +8,9 @@ in a container of a private dockerd. Measured, for each kind of memory:
 - bytes stored by a second checkpoint after the program rewrote 5% of its memory;
 - restore: a `docker run` that restores on create from the file:// store, with the page images
   streamed into CRIU as they are read and verified, and with everything fetched first; against
-  the `runc restore` of the same images from a local directory (timed inside the latter).
+  a plain `runc restore -d` from a local directory of the same program in a runc bundle (no
+  dockerd), after a sync, alternating with them (the `runc restore` inside the fetched-first
+  restore is shown too: it runs right after the fetch wrote the images).
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
 each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
 of ratios. Needs root and the host set-up (install/setup-host.sh).
@@ -18,6 +20,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -97,40 +101,97 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
         d.wait_logs(cid, "touched 5%")
         info = engine.checkpoint(runc, cid, file_store, job, {"progress_s": 0.0}, settings)
         r["second_stored"] = info.stored
-        r.update(restore(d, state, args, job))
+        r.update(restore(d, state, args, job, kind))
     finally:
         d.run("rm", "-f", cid, check=False)
     return r
 
 
+class RawContainer:
+    """The same program in a plain runc bundle (no dockerd, no mmshim), for the baseline `runc
+    restore` from a local directory. Its stdout is a pipe, which CRIU carries as an external one."""
+
+    def __init__(self, state: Path, kind: str) -> None:
+        self.bundle, self.root, self.cid = state / f"bundle-{kind}", state / "raw-runc", f"raw-{kind}"
+        self.images, self.ready = state / f"raw-images-{kind}", threading.Event()
+        (self.bundle / "rootfs" / "bin").mkdir(parents=True)
+        shutil.copy(state / "memhog", self.bundle / "rootfs" / "bin" / "memhog")
+        subprocess.run([RUNC, "spec", "--bundle", str(self.bundle)], check=True)
+        spec = json.loads((self.bundle / "config.json").read_text())
+        spec["process"].update(terminal=False, args=["/bin/memhog", str(MIB), kind])
+        spec["root"]["readonly"] = False
+        (self.bundle / "config.json").write_text(json.dumps(spec))
+        self._runc("run", "-d", "--bundle", str(self.bundle), self.cid)
+        if not self.ready.wait(120):
+            raise RuntimeError("the raw container did not get ready")
+
+    def _runc(self, *args: str) -> None:
+        r, w = os.pipe()  # the container's stdout: drained, so that it never blocks
+        threading.Thread(target=self._drain, args=(r,), daemon=True).start()
+        try:
+            subprocess.run([RUNC, "--root", str(self.root), *args], stdin=subprocess.DEVNULL,
+                           stdout=w, stderr=w, check=True)  # fmt: skip
+        finally:
+            os.close(w)
+
+    def _drain(self, fd: int) -> None:
+        while data := os.read(fd, 65536):
+            if b"ready" in data:
+                self.ready.set()
+        os.close(fd)
+
+    def restore(self) -> float:
+        """Checkpoint (untimed), sync, then time `runc restore -d` from the local directory."""
+        shutil.rmtree(self.images, ignore_errors=True)
+        self._runc(
+            "checkpoint", "--image-path", str(self.images), "--work-path", f"{self.images}-w", self.cid
+        )
+        os.sync()
+        t0 = time.monotonic()
+        self._runc("restore", "-d", "--image-path", str(self.images), "--work-path", f"{self.images}-r",
+                   "--bundle", str(self.bundle), self.cid)  # fmt: skip
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        subprocess.run([RUNC, "--root", str(self.root), "delete", "-f", self.cid], capture_output=True)
+
+
 FIELDS = {  # restore bench rows <- restore.succeeded fields, fetched first ("0") and streamed ("1")
-    "0": [("raw_restore", "runc_restore_s"), ("fetched_restore", "duration_s"), ("fetch", "fetch_s")],
+    "0": [("inner_restore", "runc_restore_s"), ("fetched_restore", "duration_s"), ("fetch", "fetch_s")],
     "1": [("mmshim_restore", "duration_s"), ("before_runc", "fetch_s"), ("apply", "apply_s")],
 }
 
 
-def restore(d: Docker, state: Path, args: list[str], job: str) -> dict[str, float]:
+def restore(d: Docker, state: Path, args: list[str], job: str, kind: str) -> dict[str, float]:
     """Restore on create through dockerd (file:// store), BENCH_REPS times each way (medians):
-    streamed (page images go into CRIU while they are read from the store) and fetched first.
-    The baseline is the `runc restore` from a local directory inside the fetched-first restore
-    (its runc_restore_s): same images, same bundle, same moment."""
+    streamed (page images go into CRIU while they are read from the store) and fetched first;
+    each round also times a plain `runc restore -d` of the same program from a local directory
+    after a sync (the baseline), and the `runc restore` inside the fetched-first restore."""
     runs: dict[str, list[float]] = {}
-    for _ in range(REPS):
-        for stream in ("0", "1"):
-            os.sync()
-            env = {"MMSHIM_INTERVAL": "3600", "MMSHIM_RESTORE_STREAM": stream}
-            cid = d.run_job(job, 2, args, env, IMAGE)
-            try:
-                events = open_store(f"file://{state / 'store'}").events(job)
-                done = [e for e in events if e["event"] == "restore.succeeded"]
-                if not done or done[-1]["streamed"] != (stream == "1"):
-                    raise RuntimeError(f"mmshim did not restore as asked: {json.dumps(events[-2:])}")
-            finally:
-                d.run("rm", "-f", cid, check=False)
-            e = done[-1]
-            for key, field in FIELDS[stream]:
-                runs.setdefault(key, []).append(e[field])
+    raw = RawContainer(state, kind)
+    try:
+        for _ in range(REPS):
+            runs.setdefault("raw_restore", []).append(raw.restore())
+            restore_round(d, state, args, job, runs)
+    finally:
+        raw.close()
     return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def restore_round(d: Docker, state: Path, args: list[str], job: str, runs: dict[str, list[float]]) -> None:
+    for stream in ("0", "1"):
+        os.sync()
+        env = {"MMSHIM_INTERVAL": "3600", "MMSHIM_RESTORE_STREAM": stream}
+        cid = d.run_job(job, 2, args, env, IMAGE)
+        try:
+            events = open_store(f"file://{state / 'store'}").events(job)
+            done = [e for e in events if e["event"] == "restore.succeeded"]
+            if not done or done[-1]["streamed"] != (stream == "1"):
+                raise RuntimeError(f"mmshim did not restore as asked: {json.dumps(events[-2:])}")
+        finally:
+            d.run("rm", "-f", cid, check=False)
+        for key, field in FIELDS[stream]:
+            runs.setdefault(key, []).append(done[-1][field])
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
@@ -145,6 +206,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
         ("restore, streamed: of which layer and mounts applied", "raw_restore", "apply"),
         ("restore, fetched first: whole restore vs runc restore", "raw_restore", "fetched_restore"),
         ("restore, fetched first: of which fetch + verify + decompress", "raw_restore", "fetch"),
+        ("restore, fetched first: of which its runc restore (local dir)", "raw_restore", "inner_restore"),
         ("bytes stored: first checkpoint (file://) vs raw image size", "raw_bytes", "file_stored"),
         ("bytes stored: second after 5% touched vs first", "file_stored", "second_stored"),
     ]
