@@ -8,9 +8,9 @@ in a container of a private dockerd. Measured, for each kind of memory:
 - bytes stored by a second checkpoint after the program rewrote 5% of its memory;
 - restore: a `docker run` that restores on create from the file:// store, with the page images
   streamed into CRIU as they are read and verified, and with everything fetched first; against
-  a plain `runc restore -d` from a local directory of the same program in a runc bundle (no
-  dockerd), after a sync, alternating with them (the `runc restore` inside the fetched-first
-  restore is shown too: it runs right after the fetch wrote the images).
+  a plain `runc restore -d` from a local directory of the same program with the container's own
+  spec in a runc bundle (no dockerd), after a sync, alternating with them (the `runc restore`
+  inside the fetched-first restore is shown too: it runs right after the fetch wrote the images).
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
 each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
 of ratios. Needs root and the host set-up (install/setup-host.sh).
@@ -101,25 +101,27 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
         d.wait_logs(cid, "touched 5%")
         info = engine.checkpoint(runc, cid, file_store, job, {"progress_s": 0.0}, settings)
         r["second_stored"] = info.stored
-        r.update(restore(d, state, args, job, kind))
+        with open(Path(runc.state(cid)["bundle"]) / "config.json") as f:
+            spec = json.load(f)
+        r.update(restore(d, state, args, job, kind, spec))
     finally:
         d.run("rm", "-f", cid, check=False)
     return r
 
 
 class RawContainer:
-    """The same program in a plain runc bundle (no dockerd, no mmshim), for the baseline `runc
-    restore` from a local directory. Its stdout is a pipe, which CRIU carries as an external one."""
+    """The same program under plain runc (no dockerd, no mmshim), for the baseline `runc restore`
+    from a local directory: the docker container's own OCI spec (namespaces, mounts, cgroup
+    limits) with a plain directory as rootfs. Its stdout is a pipe (CRIU carries it as external)."""
 
-    def __init__(self, state: Path, kind: str) -> None:
+    def __init__(self, state: Path, kind: str, spec: dict) -> None:
         self.bundle, self.root, self.cid = state / f"bundle-{kind}", state / "raw-runc", f"raw-{kind}"
         self.images, self.ready = state / f"raw-images-{kind}", threading.Event()
         (self.bundle / "rootfs" / "bin").mkdir(parents=True)
         shutil.copy(state / "memhog", self.bundle / "rootfs" / "bin" / "memhog")
-        subprocess.run([RUNC, "spec", "--bundle", str(self.bundle)], check=True)
-        spec = json.loads((self.bundle / "config.json").read_text())
-        spec["process"].update(terminal=False, args=["/bin/memhog", str(MIB), kind])
-        spec["root"]["readonly"] = False
+        spec = {k: v for k, v in spec.items() if k != "hooks"}  # dockerd's, for its own containers
+        spec["root"] = {"path": str(self.bundle / "rootfs"), "readonly": False}
+        spec["linux"] = {**spec["linux"], "cgroupsPath": f"/mmshim-bench/{self.cid}"}
         (self.bundle / "config.json").write_text(json.dumps(spec))
         self._runc("run", "-d", "--bundle", str(self.bundle), self.cid)
         if not self.ready.wait(120):
@@ -158,17 +160,22 @@ class RawContainer:
 
 FIELDS = {  # restore bench rows <- restore.succeeded fields, fetched first ("0") and streamed ("1")
     "0": [("inner_restore", "runc_restore_s"), ("fetched_restore", "duration_s"), ("fetch", "fetch_s")],
-    "1": [("mmshim_restore", "duration_s"), ("before_runc", "fetch_s"), ("apply", "apply_s")],
+    "1": [
+        ("mmshim_restore", "duration_s"),
+        ("before_runc", "fetch_s"),
+        ("apply", "apply_s"),
+        ("streamed_runc", "runc_restore_s"),
+    ],
 }
 
 
-def restore(d: Docker, state: Path, args: list[str], job: str, kind: str) -> dict[str, float]:
+def restore(d: Docker, state: Path, args: list[str], job: str, kind: str, spec: dict) -> dict[str, float]:
     """Restore on create through dockerd (file:// store), BENCH_REPS times each way (medians):
     streamed (page images go into CRIU while they are read from the store) and fetched first;
     each round also times a plain `runc restore -d` of the same program from a local directory
     after a sync (the baseline), and the `runc restore` inside the fetched-first restore."""
     runs: dict[str, list[float]] = {}
-    raw = RawContainer(state, kind)
+    raw = RawContainer(state, kind, spec)
     try:
         for _ in range(REPS):
             runs.setdefault("raw_restore", []).append(raw.restore())
@@ -204,6 +211,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
         ("restore, streamed: whole restore vs runc restore from local dir", "raw_restore", "mmshim_restore"),
         ("restore, streamed: of which small images fetched", "raw_restore", "before_runc"),
         ("restore, streamed: of which layer and mounts applied", "raw_restore", "apply"),
+        ("restore, streamed: of which runc restore reading the stream", "raw_restore", "streamed_runc"),
         ("restore, fetched first: whole restore vs runc restore", "raw_restore", "fetched_restore"),
         ("restore, fetched first: of which fetch + verify + decompress", "raw_restore", "fetch"),
         ("restore, fetched first: of which its runc restore (local dir)", "raw_restore", "inner_restore"),

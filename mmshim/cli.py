@@ -854,6 +854,7 @@ def restore_cmd(
         checkpoint_id=info.checkpoint_id,
         duration_s=duration,
         progress_s=info.meta.get("progress_s", 0),
+        streamed=bool(info.deferred),
     )
     data = {
         "job_id": job.job_id,

@@ -49,7 +49,10 @@ def finish(docker: Docker, cid: str) -> tuple[int, str]:
     return code, docker.out("logs", cid)
 
 
-def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store) -> None:
+@pytest.mark.parametrize("stream", ["1", "0"])
+def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store, stream: str) -> None:
+    """Restored on the retry, page images streamed into CRIU (or, "0", fetched first: what a CRIU
+    without install/criu-rpc-stream.patch gets)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     first = run_job(docker, job, 1, MMSHIM_INTERVAL="2")
     wait_for(lambda: store.latest_good(job), "an interval checkpoint")
@@ -57,14 +60,14 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store)
     wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
     assert store.latest_good(job) is not None  # a failed attempt keeps its checkpoints
 
-    second = run_job(docker, job, 2, MMSHIM_INTERVAL="600")
+    second = run_job(docker, job, 2, MMSHIM_INTERVAL="600", MMSHIM_RESTORE_STREAM=stream)
     code, out = finish(docker, second)
     assert code == 0, out
     assert out.splitlines()[-2:] == expected(40)  # resumed, not restarted
     names = events(store, job)
     assert "restore.fallback" not in names
     assert names.index("restore.attempted") < names.index("restore.succeeded")
-    assert [e["streamed"] for e in store.events(job) if e["event"] == "restore.succeeded"] == [True]
+    assert [e["streamed"] for e in store.events(job) if e["event"] == "restore.succeeded"] == [stream == "1"]
     wait_for(lambda: not store.checkpoints(job), "checkpoints to be deleted after success")
 
 
