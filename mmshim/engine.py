@@ -340,11 +340,11 @@ def _restore(
         if pid_file:
             argv += ["--pid-file", pid_file]
         t1 = time.monotonic()
-        writers = {
-            name.removeprefix("criu/"): functools.partial(f.write_to, progress=report(name))
+        sources = {
+            name.removeprefix("criu/"): functools.partial(f.parts, report(name))
             for name, f in info.deferred.items()
         }
-        images = streamer.Streamer(dest / "criu", writers) if writers else None
+        images = streamer.Streamer(dest / "criu", sources) if sources else None
         with images or contextlib.nullcontext():
             try:
                 runc.run(*argv, container_id, inherit_stdio=True)

@@ -251,6 +251,11 @@ _SAMPLE = 16 * KiB
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW_FRAME_START = _ZSTD_MAGIC + b"\xe0"  # then: single segment, 8-byte content size, no checksum
 _RAW_BLOCK = 128 * KiB  # the largest block zstd allows
+_CHECKED_MAX = 64 * KiB  # stored size up to which a streamed chunk's verified bytes are kept
+_CHECKED_BUDGET = 16 * MiB  # and how much of them, per file streamed
+# Threads verifying a streamed file: all cores but one, which the reader (CRIU) needs. Downloads
+# run ahead in the transfer threads whatever this is.
+_STREAM_CPU_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
 
 def _raw_frame(raw: bytes) -> list[bytes | memoryview]:
@@ -1015,12 +1020,47 @@ def _pread_full(fd: int, n: int, offset: int, name: str) -> bytes:
     return data
 
 
-def _verified(fut: cf.Future[bytes], where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
-    """A downloaded chunk's raw data (in place when stored as raw blocks), checked against its name."""
+class _Checked:
+    """Stored bytes of small chunks that verified, up to a budget (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, sha: str) -> bytes | None:
+        return self._data.get(sha)
+
+    def add(self, sha: str, data: bytes) -> None:
+        with self._lock:
+            if len(data) <= _CHECKED_MAX and self._size + len(data) <= _CHECKED_BUDGET:
+                self._size += len(data) * (sha not in self._data)
+                self._data[sha] = data
+
+
+def _verified(
+    fut: cf.Future[bytes], where: str, sha: str, raw_len: int, checked: _Checked | None = None
+) -> list[bytes | memoryview]:
+    """A downloaded chunk's raw data (in place when stored as raw blocks), checked against its name.
+
+    With ``checked``, a small stored chunk that verified is kept there: the same bytes decode to
+    the same data, so a recurrence needs neither the download nor the hash (_decoded)."""
     try:
         data = fut.result()
     except _NotFound:
         raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+    parts = _decoded(data, where, sha, raw_len)
+    hasher = blake3.blake3()
+    for part in parts:
+        hasher.update(part)
+    if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
+    if checked is not None:
+        checked.add(sha, data)
+    return parts
+
+
+def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
     parts = _raw_blocks(data, raw_len)
     if parts is None:
         try:
@@ -1029,43 +1069,44 @@ def _verified(fut: cf.Future[bytes], where: str, sha: str, raw_len: int) -> list
             parts = [zstandard.ZstdDecompressor().decompress(data)]
         except zstandard.ZstdError as e:
             raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
-    hasher = blake3.blake3()
-    for part in parts:
-        hasher.update(part)
-    if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
-        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
     return parts
 
 
 class DeferredFile:
-    """A checkpoint file that a fetch left out, to be written in order into a pipe (CRIU reading
-    its page images while they arrive). Chunks are downloaded and verified ``window`` ahead of
-    the writer, so memory is that many chunks per file being written, whatever its size."""
+    """A checkpoint file that a fetch left out, to be read in order while it downloads (CRIU
+    restoring from its page images as they arrive). Chunks are downloaded ``concurrency`` ahead
+    of the reader and verified by all cores but one, so memory stays bounded whatever the file's
+    size and the reader keeps a core."""
 
     def __init__(self, store: Store, job: str, cid: str, entry: _FileEntry) -> None:
         self._store, self._job, self._cid, self._entry = store, job, cid, entry
         self.size = entry.size
 
-    def write_to(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
-        """Write the data, each chunk verified before any of it is written. A damaged chunk
-        marks the checkpoint bad and raises CheckpointUnusable; what was written is then cut
-        short, never wrong. A chunk that recurs soon (zero or repeated pages) is fetched and
-        verified once: the last ``concurrency`` distinct chunks are kept."""
+    def parts(self, progress: Callable[[int], None] | None = None) -> Iterator[list[bytes | memoryview]]:
+        """The data, chunk by chunk, each verified before it is yielded. A damaged chunk marks the
+        checkpoint bad and raises CheckpointUnusable: what was yielded is cut short, never wrong.
+        A chunk that recurs (zero or repeated pages) is fetched and verified once: the last
+        ``concurrency`` distinct chunks are kept decoded, and those that compressed well are kept
+        as stored, to be decoded again (repeated text, say)."""
         store, where = self._store, f"{self._job}/{self._cid}"
         chunks = iter(self._entry.chunks)
         ahead: collections.deque[cf.Future] = collections.deque()
         recent: collections.OrderedDict[str, cf.Future] = collections.OrderedDict()
+        checked = _Checked()
         report = _Progress(progress)
         with (
             store._backend.transfers() as transfers,
-            cf.ThreadPoolExecutor(store.concurrency, thread_name_prefix="mmshim-stream") as cpu,
+            cf.ThreadPoolExecutor(_STREAM_CPU_THREADS, thread_name_prefix="mmshim-stream") as cpu,
         ):
 
             def next_chunk() -> None:
                 for sha, raw, stored in chunks:  # at most one
                     if sha not in recent:
-                        got = transfers.get(_chunk_key(sha), stored)
-                        recent[sha] = cpu.submit(_verified, got, where, sha, raw)
+                        if (data := checked.get(sha)) is not None:
+                            recent[sha] = cpu.submit(_decoded, data, where, sha, raw)
+                        else:
+                            got = transfers.get(_chunk_key(sha), stored)
+                            recent[sha] = cpu.submit(_verified, got, where, sha, raw, checked)
                         if len(recent) > store.concurrency:
                             recent.popitem(last=False)
                     recent.move_to_end(sha)
@@ -1078,7 +1119,7 @@ class DeferredFile:
                 while ahead:
                     parts = ahead.popleft().result()
                     next_chunk()
-                    _write_all(fd, parts)
+                    yield parts
                     report.add(sum(map(len, parts)))
             except CheckpointUnusable as e:
                 store._mark_bad(self._job, self._cid, str(e))

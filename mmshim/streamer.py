@@ -18,7 +18,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pycriu.images import img_streamer_pb2
@@ -30,7 +30,8 @@ PIPE_SIZE = 1 << 20  # the default 64 KiB costs a context switch per 64 KiB of m
 _F_SETPIPE_SZ = 1031
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
-Writer = Callable[[int], None]  # writes one image's data into the given pipe fd
+Buffer = bytes | memoryview
+Source = Callable[[], Iterator[list[Buffer]]]  # one image's data, in order (DeferredFile.parts)
 
 
 def supported(criu: str) -> bool:
@@ -46,13 +47,13 @@ def supported(criu: str) -> bool:
 class Streamer:
     """Answers CRIU's requests for images in ``images`` until closed.
 
-    ``deferred`` maps image names to writers that produce their data (the store's verified
-    chunks); every other image is sent from the directory. ``errors`` keeps what went wrong in
+    ``deferred`` maps image names to the sources of their data (the store's verified chunks);
+    every other image is sent from the directory. ``errors`` keeps what went wrong in
     each writer (a damaged chunk, CRIU closing its end early), for the caller to tell why a
     restore failed.
     """
 
-    def __init__(self, images: Path, deferred: dict[str, Writer]) -> None:
+    def __init__(self, images: Path, deferred: dict[str, Source]) -> None:
         self.images = images
         self.deferred = deferred
         self.errors: list[BaseException] = []
@@ -128,7 +129,7 @@ class Streamer:
             with contextlib.suppress(OSError):  # a smaller pipe is only slower
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
             if name in self.deferred:
-                self.deferred[name](fd)
+                self._send(fd, self.deferred[name]())
             else:
                 with open(self.images / name, "rb") as f:
                     while os.splice(f.fileno(), fd, PIPE_SIZE):
@@ -138,6 +139,14 @@ class Streamer:
             self.errors.append(e)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _send(fd: int, source: Iterator[list[Buffer]]) -> None:
+        for parts in source:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:

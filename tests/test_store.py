@@ -458,21 +458,14 @@ PAGES = "criu/pages-1.img"
 
 
 def drain(st_file: store_mod.DeferredFile, progress: Any = None) -> tuple[bytes, BaseException | None]:
-    """What write_to puts into a pipe (read as it comes, as CRIU does), and what it raised."""
-    r, w = os.pipe()
+    """What the deferred file yields, and what it raised."""
     out: list[bytes] = []
-    reader = threading.Thread(target=lambda: out.extend(iter(lambda: os.read(r, 1 << 16), b"")))
-    reader.start()
-    error = None
     try:
-        st_file.write_to(w, progress)
+        for parts in st_file.parts(progress):
+            out += map(bytes, parts)
     except BaseException as e:
-        error = e
-    finally:
-        os.close(w)
-        reader.join()
-        os.close(r)
-    return b"".join(out), error
+        return b"".join(out), e
+    return b"".join(out), None
 
 
 def test_deferred_file_streams_what_fetch_would_write(repo: Repo, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 import os
 import socket
 import struct
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ class FakeCriu:
         finally:
             os.close(dfd)
 
-    def read(self, name: str) -> bytes | None:
+    def read(self, name: str, pace: float = 0.0) -> bytes | None:
         req = img_streamer_pb2.img_streamer_request_entry(filename=name).SerializeToString()
         self.sock.sendall(struct.pack("=I", len(req)) + req)
         size = struct.unpack("=I", self._exactly(4))[0]
@@ -33,8 +35,12 @@ class FakeCriu:
         r, w = os.pipe()
         socket.send_fds(self.sock, [b"\0"], [w])
         os.close(w)
-        with os.fdopen(r, "rb") as f:
-            return f.read()
+        with os.fdopen(r, "rb", buffering=0) as f:
+            out = []
+            while piece := f.read(65536):
+                out.append(piece)
+                time.sleep(pace)
+            return b"".join(out)
 
     def _exactly(self, n: int) -> bytes:
         buf = b""
@@ -61,11 +67,12 @@ def images(tmp_path: Path) -> Path:
 def test_serves_directory_and_deferred_images(images: Path) -> None:
     pages = os.urandom(5 << 20)
 
-    def write_pages(fd: int) -> None:
+    def chunks() -> Iterator[list[bytes | memoryview]]:  # as the store yields them: views, bytes
         for off in range(0, len(pages), 1 << 20):
-            os.write(fd, pages[off : off + (1 << 20)])
+            view = memoryview(pages)[off : off + (1 << 20)]
+            yield [view[:4096], bytes(view[4096:])]
 
-    with streamer.Streamer(images, {"pages-1.img": write_pages}) as s:
+    with streamer.Streamer(images, {"pages-1.img": chunks}) as s:
         criu = FakeCriu(images)
         assert criu.read("inventory.img") == b"inv" * 1000
         assert criu.read("pages-1.img") == pages
@@ -74,6 +81,25 @@ def test_serves_directory_and_deferred_images(images: Path) -> None:
         criu.close()
     assert s.errors == []
     assert not (images / streamer.SOCKET).exists()
+
+
+def test_buffers_outlive_their_time_in_the_pipe(images: Path) -> None:
+    """Buffers the source drops at once, and memory reused meanwhile, do not change what a slow
+    reader gets (the data must be in the pipe, not referenced from it)."""
+    pieces = [os.urandom(100_000 + i) for i in range(60)]
+
+    def fresh() -> Iterator[list[bytes | memoryview]]:
+        for piece in pieces:
+            data = bytes(piece)  # ours alone: freed once the streamer lets go of it
+            yield [memoryview(data)[:5000], memoryview(data)[5000:]]
+            del data
+            _ = [bytes(os.urandom(1)) * 100_000 for _ in range(3)]  # reuse freed memory
+
+    with streamer.Streamer(images, {"pages-1.img": fresh}) as s:
+        criu = FakeCriu(images)
+        assert criu.read("pages-1.img", pace=0.002) == b"".join(pieces)
+        criu.close()
+    assert s.errors == []
 
 
 @pytest.mark.parametrize("name", ["../secret", "/etc/passwd", "a/../inventory.img", ".", "..", "", "x\0y"])
@@ -89,11 +115,11 @@ def test_failing_writer_cuts_the_image_short_and_is_kept(images: Path) -> None:
     class Damaged(Exception):
         pass
 
-    def write_then_fail(fd: int) -> None:
-        os.write(fd, b"good part")
+    def good_then_damaged() -> Iterator[list[bytes | memoryview]]:
+        yield [b"good ", b"part"]
         raise Damaged("chunk 3 is corrupt")
 
-    with streamer.Streamer(images, {"pages-1.img": write_then_fail}) as s:
+    with streamer.Streamer(images, {"pages-1.img": good_then_damaged}) as s:
         criu = FakeCriu(images)
         assert criu.read("pages-1.img") == b"good part"  # EOF early: CRIU fails the restore
         criu.close()

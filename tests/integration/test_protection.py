@@ -161,9 +161,7 @@ def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_serve
     assert [e["checkpoint_id"] for e in succeeded] == [previous.checkpoint_id]
 
 
-def test_damage_found_while_streaming_restores_previous(
-    docker: Docker, store: Store, s3_server: str
-) -> None:
+def test_damage_found_while_streaming_restores_previous(docker: Docker, store: Store, s3_server: str) -> None:
     """A chunk of the latest checkpoint's page images, which CRIU reads while they download, is
     corrupt: that restore fails part-way, the checkpoint is marked bad and the previous one is
     restored (streamed too), in the same create."""
