@@ -154,6 +154,29 @@ class RawContainer:
                    "--bundle", str(self.bundle), self.cid)  # fmt: skip
         return time.monotonic() - t0
 
+    def engine_restore(self, store: Store, job: str, settings: Settings) -> float:
+        """Time mmshim's engine.restore (what the runtime's create runs) into this bundle, after a
+        sync, the running container deleted first (a retry gets a new one)."""
+        runc = engine.Runc(RUNC, ["--root", str(self.root)], str(self.root))
+        subprocess.run([RUNC, "--root", str(self.root), "delete", "-f", self.cid], check=True)
+        spec = json.loads((self.bundle / "config.json").read_text())
+        r, w = os.pipe()  # runc restore passes its stdout on to the restored program
+        threading.Thread(target=self._drain, args=(r,), daemon=True).start()
+        saved = os.dup(1)
+        os.dup2(w, 1)
+        os.close(w)
+        os.sync()
+        try:
+            t0 = time.monotonic()
+            info = engine.restore(runc, self.cid, str(self.bundle), None, spec, store, job, settings)
+            elapsed = time.monotonic() - t0
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        if info is None or bool(info.deferred) != settings.restore_stream:
+            raise RuntimeError("engine.restore did not restore as asked")
+        return elapsed
+
     def close(self) -> None:
         subprocess.run([RUNC, "--root", str(self.root), "delete", "-f", self.cid], capture_output=True)
 
@@ -163,22 +186,28 @@ FIELDS = {  # restore bench rows <- restore.succeeded fields, fetched first ("0"
     "1": [
         ("mmshim_restore", "duration_s"),
         ("before_runc", "fetch_s"),
-        ("apply", "apply_s"),
         ("streamed_runc", "runc_restore_s"),
     ],
 }
 
 
 def restore(d: Docker, state: Path, args: list[str], job: str, kind: str, spec: dict) -> dict[str, float]:
-    """Restore on create through dockerd (file:// store), BENCH_REPS times each way (medians):
-    streamed (page images go into CRIU while they are read from the store) and fetched first;
-    each round also times a plain `runc restore -d` of the same program from a local directory
-    after a sync (the baseline), and the `runc restore` inside the fetched-first restore."""
+    """Restores, BENCH_REPS rounds (medians). The baseline: a plain `runc restore -d` from a local
+    directory after a sync (RawContainer). Against it, in the same runc container, mmshim's
+    engine.restore from the file:// store, streamed (page images go into CRIU while they are
+    read and verified) and fetched first; and through dockerd, a retry's `docker run` restoring
+    on create, both ways (its timings from the restore.succeeded event)."""
     runs: dict[str, list[float]] = {}
     raw = RawContainer(state, kind, spec)
+    store, raw_job = open_store(f"file://{state / 'store'}"), f"{job}-plain"
     try:
+        runc = engine.Runc(RUNC, ["--root", str(raw.root)], str(raw.root))
+        engine.checkpoint(runc, raw.cid, store, raw_job, {}, Settings(workdir=str(state / "work")))
         for _ in range(REPS):
             runs.setdefault("raw_restore", []).append(raw.restore())
+            for key, stream in (("engine_streamed", True), ("engine_fetched", False)):
+                settings = Settings(workdir=str(state / "work"), restore_stream=stream)
+                runs.setdefault(key, []).append(raw.engine_restore(store, raw_job, settings))
             restore_round(d, state, args, job, runs)
     finally:
         raw.close()
@@ -208,13 +237,14 @@ def table(results: dict[str, dict[str, float]]) -> str:
         ("checkpoint committed, s3:// (moto) vs raw runc checkpoint", "raw_checkpoint", "s3_checkpoint"),
         ("container frozen (paused) vs CRIU frozen time of raw", "raw_frozen", "file_paused"),
         ("CRIU frozen time inside mmshim vs raw", "raw_frozen", "file_frozen"),
-        ("restore, streamed: whole restore vs runc restore from local dir", "raw_restore", "mmshim_restore"),
-        ("restore, streamed: of which small images fetched", "raw_restore", "before_runc"),
-        ("restore, streamed: of which layer and mounts applied", "raw_restore", "apply"),
-        ("restore, streamed: of which runc restore reading the stream", "raw_restore", "streamed_runc"),
-        ("restore, fetched first: whole restore vs runc restore", "raw_restore", "fetched_restore"),
-        ("restore, fetched first: of which fetch + verify + decompress", "raw_restore", "fetch"),
-        ("restore, fetched first: of which its runc restore (local dir)", "raw_restore", "inner_restore"),
+        ("restore, same runc container: streamed vs runc restore", "raw_restore", "engine_streamed"),
+        ("restore, same runc container: fetched first vs runc restore", "raw_restore", "engine_fetched"),
+        ("restore on create via dockerd, streamed: whole restore", "raw_restore", "mmshim_restore"),
+        ("  of which small images fetched", "raw_restore", "before_runc"),
+        ("  of which runc restore reading the stream", "raw_restore", "streamed_runc"),
+        ("restore on create via dockerd, fetched first: whole restore", "raw_restore", "fetched_restore"),
+        ("  of which fetch + verify + decompress", "raw_restore", "fetch"),
+        ("  of which its runc restore (local dir)", "raw_restore", "inner_restore"),
         ("bytes stored: first checkpoint (file://) vs raw image size", "raw_bytes", "file_stored"),
         ("bytes stored: second after 5% touched vs first", "file_stored", "second_stored"),
     ]
