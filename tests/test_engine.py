@@ -1,0 +1,66 @@
+"""engine.restore's fallback loop, with the store and runc faked (the real thing: tests/integration)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmshim import engine
+from mmshim.config import Settings
+from mmshim.store import CheckpointInfo, CheckpointUnusable
+
+
+class FakeStore:
+    """Hands out checkpoints newest first; ``marks`` says whether marking one bad is recorded."""
+
+    def __init__(self, ids: list[str], marks: bool) -> None:
+        self.ids, self.marks, self.fetched = ids, marks, []
+
+    def fetch_latest(self, job_id, dest, progress=None, defer=None):
+        if not self.ids:
+            return None
+        cid = self.ids[0]
+        self.fetched.append(cid)
+        Path(dest, "criu").mkdir(parents=True, exist_ok=True)
+        return CheckpointInfo(job_id, cid, 0.0, 0, 0, "good", {"args": ["sleep", "1"]})
+
+    def damaged(self, cid: str) -> None:
+        if self.marks:
+            self.ids.remove(cid)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> tuple[str, dict]:
+    spec = {"process": {"args": ["sleep", "1"]}, "root": {"path": "rootfs"}}
+    (tmp_path / "rootfs").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    return str(tmp_path), spec
+
+
+def restore_with_damage(monkeypatch, bundle, store: FakeStore, tmp_path: Path):
+    """Every runc restore finds its checkpoint damaged (as the streamer would report it)."""
+
+    def apply_diff(tar: str, rootfs: str) -> None:
+        cid = store.fetched[-1]
+        store.damaged(cid)
+        raise CheckpointUnusable(f"checkpoint {cid}: chunk is corrupt")
+
+    monkeypatch.setattr(engine.layer, "apply_diff", apply_diff)
+    monkeypatch.setattr(engine, "undo", lambda *a: None)
+    runc = engine.Runc("/bin/false", [], str(tmp_path))
+    settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
+    path, spec = bundle
+    return engine.restore(runc, "c1", path, None, spec, store, "job", settings)
+
+
+def test_damage_falls_back_to_previous_checkpoints_until_none_is_left(monkeypatch, bundle, tmp_path) -> None:
+    store = FakeStore(["new", "old"], marks=True)
+    assert restore_with_damage(monkeypatch, bundle, store, tmp_path) is None
+    assert store.fetched == ["new", "old"]
+
+
+def test_a_bad_mark_that_cannot_be_written_does_not_loop(monkeypatch, bundle, tmp_path) -> None:
+    store = FakeStore(["new", "old"], marks=False)  # the store is read-only: the mark is lost
+    with pytest.raises(engine.EngineError, match="failed already"):
+        restore_with_damage(monkeypatch, bundle, store, tmp_path)
+    assert store.fetched == ["new", "new"]
