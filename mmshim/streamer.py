@@ -21,8 +21,6 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pycriu.images import img_streamer_pb2
-
 log = logging.getLogger("mmshim.streamer")
 SOCKET = "streamer-serve.sock"
 CRIU_MARK = "+mmshim-rpc-stream"  # in `criu --version`'s GitID when built by install/setup-host.sh
@@ -95,6 +93,8 @@ class Streamer:
 
     def _serve(self) -> None:
         try:
+            from pycriu.images import img_streamer_pb2  # here: its 60 ms overlap runc's start
+
             self._conn, _ = self._listener.accept()
             while (name := self._request(self._conn)) is not None:
                 exists = name in self.deferred or (
@@ -112,7 +112,8 @@ class Streamer:
         except BaseException as e:
             self.errors.append(e)
 
-    def _request(self, conn: socket.socket) -> str | None:
+    @staticmethod
+    def _request(conn: socket.socket) -> str | None:
         """The next file name CRIU asks for; None when it hangs up."""
         head = _recv_exactly(conn, 4)
         if head is None:
@@ -120,6 +121,8 @@ class Streamer:
         body = _recv_exactly(conn, struct.unpack("=I", head)[0])
         if body is None:
             return None
+        from pycriu.images import img_streamer_pb2
+
         req = img_streamer_pb2.img_streamer_request_entry()
         req.ParseFromString(body)
         return req.filename
