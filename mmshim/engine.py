@@ -255,7 +255,10 @@ def restore(
     checkpoint bad and the previous one is tried, as a damage found by a fetch would be. On any
     failure the bundle's rootfs and config are put back as they were, so a plain create can follow.
     """
-    stream = settings.restore_stream and streamer.supported(criu_of(runc))
+    criu = criu_of(runc)
+    stream = settings.restore_stream and streamer.supported(criu)
+    if settings.restore_stream and not stream:
+        log.info("%s cannot stream images to runc (install/criu-rpc-stream.patch): fetching first", criu)
     tried: set[str] = set()
     while True:
         try:
