@@ -259,123 +259,108 @@ def restore(
     stream = settings.restore_stream and streamer.supported(criu)
     if settings.restore_stream and not stream:
         log.info("%s cannot stream images to runc (install/criu-rpc-stream.patch): fetching first", criu)
+    timings = {} if timings is None else timings
     tried: set[str] = set()
+
+    def attempt() -> CheckpointInfo | None:
+        t0 = time.monotonic()
+        os.makedirs(settings.workdir, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix="restore-", dir=settings.workdir))
+        rootfs = rootfs_of(spec, bundle)
+        config = Path(bundle) / "config.json"
+        original_config = config.read_bytes()
+        applied = False
+        done: dict[str, int] = {}
+
+        def report(name: str) -> Callable[[int], None]:
+            def add(total: int) -> None:
+                done[name] = total
+                if progress is not None:
+                    progress(sum(done.values()))
+
+            return add
+
+        try:
+            defer = STREAMED.fullmatch if stream else None
+            info = fetch(store, job_id, str(dest), checkpoint_id, report(""), defer)
+            timings["fetch_s"] = time.monotonic() - t0
+            if info is None:
+                return None
+            if info.checkpoint_id in tried:  # its bad mark could not be written: do not loop on it
+                raise EngineError(f"checkpoint {info.checkpoint_id} failed already in this restore")
+            tried.add(info.checkpoint_id)
+            args = (spec.get("process") or {}).get("args")
+            if info.meta.get("args") != args:
+                raise EngineError(
+                    f"checkpoint {info.checkpoint_id} is of another command ({info.meta.get('args')})"
+                )
+            sources = bind_sources(spec, tuple(info.meta.get("mounts") or ()))
+            missing = set(info.meta.get("mounts") or ()) - set(sources)
+            if missing:
+                raise EngineError(f"the new container lacks the bind mounts {sorted(missing)}")
+            applied = True
+            layer.apply_diff(str(dest / "rootfs.tar"), rootfs)
+            for i, mount in enumerate(info.meta.get("mounts") or ()):
+                layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
+            criu_options = ["tcp-close"] if settings.tcp == "close" else []
+            criu_options += ["stream"] if info.deferred else []
+            restore_spec = dict(spec)
+            if criu_options:
+                conf = dest / "criu.conf"
+                conf.write_text("".join(f"{o}\n" for o in criu_options))
+                restore_spec["annotations"] = {
+                    **(spec.get("annotations") or {}),
+                    CRIU_CONFIG_ANNOTATION: str(conf),
+                }
+            config.write_text(json.dumps(restore_spec))
+            timings["apply_s"] = time.monotonic() - t0 - timings["fetch_s"]
+            argv = [
+                "restore",
+                "--detach",
+                "--bundle",
+                bundle,
+                "--image-path",
+                str(dest / "criu"),
+                "--work-path",
+                str(dest / "work"),
+                "--file-locks",
+            ]
+            if settings.tcp == "established":
+                argv.append("--tcp-established")
+            if pid_file:
+                argv += ["--pid-file", pid_file]
+            t1 = time.monotonic()
+            streams = {
+                name.removeprefix("criu/"): functools.partial(f.parts, report(name))
+                for name, f in info.deferred.items()
+            }
+            images = streamer.Streamer(dest / "criu", streams) if streams else None
+            with images or contextlib.nullcontext():
+                try:
+                    runc.run(*argv, container_id, inherit_stdio=True)
+                except EngineError as e:
+                    errors = images.errors if images else []
+                    damage = [x for x in errors if isinstance(x, CheckpointUnusable)]
+                    if damage:
+                        raise damage[0] from e
+                    raise
+            timings["runc_restore_s"] = time.monotonic() - t1
+            return info
+        except BaseException:
+            if applied:
+                undo(runc, container_id, rootfs, dest)
+            raise
+        finally:
+            config.write_bytes(original_config)
+            shutil.rmtree(dest, ignore_errors=True)
+
     while True:
         try:
-            return _restore(
-                runc, container_id, bundle, pid_file, spec, store, job_id, settings,
-                checkpoint_id, progress, {} if timings is None else timings, stream, tried,
-            )  # fmt: skip
+            return attempt()
         except CheckpointUnusable as e:
             if checkpoint_id is not None:
                 raise
             log.warning("checkpoint unusable, trying the previous one: %s", e)
-
-
-def _restore(
-    runc: Runc,
-    container_id: str,
-    bundle: str,
-    pid_file: str | None,
-    spec: dict,
-    store: Store,
-    job_id: str,
-    settings: Settings,
-    checkpoint_id: str | None,
-    progress: Callable[[int], None] | None,
-    timings: dict[str, float],
-    stream: bool,
-    tried: set[str],
-) -> CheckpointInfo | None:
-    t0 = time.monotonic()
-    os.makedirs(settings.workdir, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix="restore-", dir=settings.workdir))
-    rootfs = rootfs_of(spec, bundle)
-    config = Path(bundle) / "config.json"
-    original_config = config.read_bytes()
-    applied = False
-    done: dict[str, int] = {}
-
-    def report(name: str) -> Callable[[int], None]:
-        def add(total: int) -> None:
-            done[name] = total
-            if progress is not None:
-                progress(sum(done.values()))
-
-        return add
-
-    try:
-        defer = STREAMED.fullmatch if stream else None
-        info = fetch(store, job_id, str(dest), checkpoint_id, report(""), defer)
-        timings["fetch_s"] = time.monotonic() - t0
-        if info is None:
-            return None
-        if info.checkpoint_id in tried:  # its bad mark could not be written: do not loop on it
-            raise EngineError(f"checkpoint {info.checkpoint_id} failed already in this restore")
-        tried.add(info.checkpoint_id)
-        args = (spec.get("process") or {}).get("args")
-        if info.meta.get("args") != args:
-            raise EngineError(
-                f"checkpoint {info.checkpoint_id} is of another command ({info.meta.get('args')})"
-            )
-        sources = bind_sources(spec, tuple(info.meta.get("mounts") or ()))
-        missing = set(info.meta.get("mounts") or ()) - set(sources)
-        if missing:
-            raise EngineError(f"the new container lacks the bind mounts {sorted(missing)}")
-        applied = True
-        layer.apply_diff(str(dest / "rootfs.tar"), rootfs)
-        for i, mount in enumerate(info.meta.get("mounts") or ()):
-            layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
-        criu_options = ["tcp-close"] if settings.tcp == "close" else []
-        criu_options += ["stream"] if info.deferred else []
-        restore_spec = dict(spec)
-        if criu_options:
-            conf = dest / "criu.conf"
-            conf.write_text("".join(f"{o}\n" for o in criu_options))
-            restore_spec["annotations"] = {
-                **(spec.get("annotations") or {}),
-                CRIU_CONFIG_ANNOTATION: str(conf),
-            }
-        config.write_text(json.dumps(restore_spec))
-        timings["apply_s"] = time.monotonic() - t0 - timings["fetch_s"]
-        argv = [
-            "restore",
-            "--detach",
-            "--bundle",
-            bundle,
-            "--image-path",
-            str(dest / "criu"),
-            "--work-path",
-            str(dest / "work"),
-            "--file-locks",
-        ]
-        if settings.tcp == "established":
-            argv.append("--tcp-established")
-        if pid_file:
-            argv += ["--pid-file", pid_file]
-        t1 = time.monotonic()
-        sources = {
-            name.removeprefix("criu/"): functools.partial(f.parts, report(name))
-            for name, f in info.deferred.items()
-        }
-        images = streamer.Streamer(dest / "criu", sources) if sources else None
-        with images or contextlib.nullcontext():
-            try:
-                runc.run(*argv, container_id, inherit_stdio=True)
-            except EngineError as e:
-                damage = [x for x in (images.errors if images else ()) if isinstance(x, CheckpointUnusable)]
-                if damage:
-                    raise damage[0] from e
-                raise
-        timings["runc_restore_s"] = time.monotonic() - t1
-        return info
-    except BaseException:
-        if applied:
-            undo(runc, container_id, rootfs, dest)
-        raise
-    finally:
-        config.write_bytes(original_config)
-        shutil.rmtree(dest, ignore_errors=True)
 
 
 def fetch(

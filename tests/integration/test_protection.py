@@ -11,7 +11,7 @@ import pytest
 from mmshim.demo import expected, workload
 from mmshim.localdocker import IMAGE, Docker
 from mmshim.localdocker import wait_for as poll
-from mmshim.store import Store, open_store
+from mmshim.store import CheckpointInfo, Store, open_store
 
 pytestmark = pytest.mark.integration
 
@@ -140,17 +140,25 @@ def test_array_child_job(docker: Docker, store: Store) -> None:
     assert code == 0 and out.splitlines()[-1] == "started by attempt 1"
 
 
-def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_server: str) -> None:
-    import boto3
-
-    from tests.services import E2E_BUCKET
-
+def reclaimed_with_two_checkpoints(
+    docker: Docker, store: Store
+) -> tuple[str, CheckpointInfo, CheckpointInfo]:
+    """A job's first attempt, reclaimed once it has two good checkpoints: (job, latest, previous)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     first = run_job(docker, job, 1, MMSHIM_INTERVAL="1.5")
     wait_for(lambda: len([c for c in store.checkpoints(job) if c.state == "good"]) >= 2, "two checkpoints")
     docker.run("rm", "-f", first)
     wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
     latest, previous = store.checkpoints(job)[:2]
+    return job, latest, previous
+
+
+def test_corrupt_latest_restores_previous(docker: Docker, store: Store, s3_server: str) -> None:
+    import boto3
+
+    from tests.services import E2E_BUCKET
+
+    job, latest, previous = reclaimed_with_two_checkpoints(docker, store)
     s3 = boto3.client("s3", endpoint_url=s3_server)
     key = f"mmshim/jobs/{job}/checkpoints/{latest.checkpoint_id}.json"
     body = s3.get_object(Bucket=E2E_BUCKET, Key=key)["Body"].read()
@@ -171,12 +179,7 @@ def test_damage_found_while_streaming_restores_previous(docker: Docker, store: S
 
     from tests.services import E2E_BUCKET
 
-    job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, MMSHIM_INTERVAL="1.5")
-    wait_for(lambda: len([c for c in store.checkpoints(job) if c.state == "good"]) >= 2, "two checkpoints")
-    docker.run("rm", "-f", first)
-    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
-    latest, previous = store.checkpoints(job)[:2]
+    job, latest, previous = reclaimed_with_two_checkpoints(docker, store)
     s3 = boto3.client("s3", endpoint_url=s3_server)
 
     def page_chunks(cid: str) -> set[str]:
