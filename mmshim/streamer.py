@@ -18,7 +18,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 log = logging.getLogger("mmshim.streamer")
@@ -29,7 +29,7 @@ _F_SETPIPE_SZ = 1031
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 Buffer = bytes | memoryview
-Source = Callable[[], Iterator[list[Buffer]]]  # one image's data, in order (DeferredFile.parts)
+Source = Callable[[], Generator[list[Buffer], None, None]]  # one image's data (DeferredFile.parts)
 
 
 def supported(criu: str) -> bool:
@@ -131,8 +131,9 @@ class Streamer:
         try:
             with contextlib.suppress(OSError):  # a smaller pipe is only slower
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-            if name in self.deferred:
-                self._send(fd, self.deferred[name]())
+            if name in self.deferred:  # closed at once on failure: its downloads stop with it
+                with contextlib.closing(self.deferred[name]()) as source:
+                    self._send(fd, source)
             else:
                 with open(self.images / name, "rb") as f:
                     while os.splice(f.fileno(), fd, PIPE_SIZE):

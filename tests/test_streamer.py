@@ -3,6 +3,7 @@
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,33 @@ def test_failing_writer_cuts_the_image_short_and_is_kept(images: Path) -> None:
         assert criu.read("pages-1.img") == b"good part"  # EOF early: CRIU fails the restore
         criu.close()
     assert [type(e) for e in s.errors] == [Damaged]
+
+
+def test_source_is_closed_when_criu_stops_reading(images: Path) -> None:
+    """CRIU gone part-way: the source is closed at once (its downloads stop), not whenever the
+    kept error lets it be collected."""
+    closed = threading.Event()
+
+    def endless() -> Iterator[list[bytes | memoryview]]:
+        try:
+            while True:
+                yield [bytes(1 << 20)]
+        finally:
+            closed.set()
+
+    with streamer.Streamer(images, {"pages-1.img": endless}) as s:
+        criu = FakeCriu(images)
+        req = img_streamer_pb2.img_streamer_request_entry(filename="pages-1.img").SerializeToString()
+        criu.sock.sendall(struct.pack("=I", len(req)) + req)
+        criu._exactly(struct.unpack("=I", criu._exactly(4))[0])
+        r, w = os.pipe()
+        socket.send_fds(criu.sock, [b"\0"], [w])
+        os.close(w)
+        os.read(r, 4096)
+        os.close(r)  # CRIU failed and went away
+        assert closed.wait(10)
+        criu.close()
+    assert [type(e) for e in s.errors] == [BrokenPipeError]
 
 
 def test_closes_cleanly_when_criu_never_came_or_died(images: Path) -> None:
