@@ -93,7 +93,7 @@ def rootfs_of(spec: dict, bundle: str) -> str:
 
 
 @functools.cache
-def versions(runc: str) -> dict:
+def versions(runc: str, criu: str) -> dict:
     """Kernel, runc and CRIU versions, for a checkpoint's metadata (once per process: they do not
     change under a running watcher)."""
 
@@ -106,7 +106,7 @@ def versions(runc: str) -> dict:
     return {
         "kernel": platform.release(),
         "runc": first_line([runc, "--version"]),
-        "criu": first_line(["criu", "--version"]),
+        "criu": first_line([criu, "--version"]),
     }
 
 
@@ -155,7 +155,7 @@ def checkpoint(
         "container_id": container_id,
         "host": socket.gethostname(),
         "args": (spec.get("process") or {}).get("args"),
-        "versions": versions(runc.runc),
+        "versions": versions(runc.runc, criu_of(runc)),
     }
     timings: dict[str, float] = {}
     meta["timings"] = timings  # filled in while the upload runs; the manifest is written last
@@ -281,7 +281,7 @@ def restore(
             return add
 
         try:
-            defer = STREAMED.fullmatch if stream else None
+            defer = (lambda name: STREAMED.fullmatch(name) is not None) if stream else None
             info = fetch(store, job_id, str(dest), checkpoint_id, report(""), defer)
             timings["fetch_s"] = time.monotonic() - t0
             if info is None:
@@ -369,7 +369,7 @@ def fetch(
     dest: str,
     checkpoint_id: str | None = None,
     progress: Callable[[int], None] | None = None,
-    defer: Callable[[str], object] | None = None,
+    defer: Callable[[str], bool] | None = None,
 ) -> CheckpointInfo | None:
     """What restore fetches: the chosen checkpoint (no fallback), else the newest good one."""
     if checkpoint_id is not None:
