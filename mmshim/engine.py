@@ -331,7 +331,7 @@ def restore(
                 argv += ["--pid-file", pid_file]
             t1 = time.monotonic()
             streams = {
-                name.removeprefix("criu/"): functools.partial(f.parts, report(name))
+                name.removeprefix("criu/"): functools.partial(f.write_to, progress=report(name))
                 for name, f in info.deferred.items()
             }
             images = streamer.Streamer(dest / "criu", streams) if streams else None

@@ -272,23 +272,23 @@ def _raw_frame(raw: bytes) -> list[bytes | memoryview]:
     return parts
 
 
-def _raw_blocks(data: bytes, raw_len: int) -> list[bytes | memoryview] | None:
-    """The data of a frame _raw_frame made, in place (a restore writes it without decompressing:
-    one copy less per byte); None for any other frame, which zstd then decodes."""
+def _raw_block_ranges(data: bytes, raw_len: int) -> list[tuple[int, int]] | None:
+    """Where the data of a frame _raw_frame made lies in it (a restore sends it without
+    decompressing: one copy less per byte, none from a file store); None for any other frame,
+    which zstd then decodes."""
     head = len(_RAW_FRAME_START) + 8
     if data[: head - 8] != _RAW_FRAME_START or int.from_bytes(data[head - 8 : head], "little") != raw_len:
         return None
-    view, pos = memoryview(data), head
-    parts: list[bytes | memoryview] = []
+    pos, ranges = head, []
     while pos + 3 <= len(data):
         h = int.from_bytes(data[pos : pos + 3], "little")
         size, pos = h >> 3, pos + 3
         if (h >> 1) & 3 or pos + size > len(data):  # not a raw block, or cut short
             return None
-        parts.append(view[pos : pos + size])
+        ranges.append((pos, pos + size))
         pos += size
         if h & 1:
-            return parts if pos == len(data) else None
+            return ranges if pos == len(data) else None
     return None
 
 
@@ -510,14 +510,27 @@ class _FileBackend:
             raise
 
     def get(self, key: str) -> bytes:
+        fd, data = self.open_read(key)
+        os.close(fd)
+        return data
+
+    def open_read(self, key: str) -> tuple[int, bytes]:
+        """The file, open (the caller closes it), and its bytes."""
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise _NotFound(f"{path} does not exist") from None
         except OSError as e:
             raise self._error("read", path, e) from e
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                return fd, f.read()
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise self._error("read", path, e) from e
+            raise
 
     def head(self, key: str) -> _Obj | None:
         try:
@@ -611,6 +624,17 @@ class _FileTransfers:
 
     def get(self, key: str, size: int) -> cf.Future[bytes]:
         return self._pool.submit(self._backend.get, key)
+
+    def open(self, key: str, opened: set[int]) -> cf.Future[tuple[int, bytes]]:
+        """The file of a chunk, open, and its bytes: a restore sends what verified from the file.
+        The descriptor is in ``opened`` before the future completes; the caller closes it."""
+
+        def task() -> tuple[int, bytes]:
+            fd, data = self._backend.open_read(key)
+            opened.add(fd)
+            return fd, data
+
+        return self._pool.submit(task)
 
     def __enter__(self) -> _FileTransfers:
         return self
@@ -831,8 +855,10 @@ class _S3Transfers:
     def __enter__(self) -> _S3Transfers:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self._tm.shutdown(cancel=exc_type is not None)
+    def __exit__(self, *exc: Any) -> None:
+        # Not shutdown(cancel=True): s3transfer 0.19 passes its arguments on shifted there, and the
+        # cancel raises TypeError ('str' object is not callable) in place of the caller's error.
+        self._tm.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1049,83 +1075,158 @@ def _verified(
         data = fut.result()
     except _NotFound:
         raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
-    parts = _decoded(data, where, sha, raw_len)
-    hasher = blake3.blake3()
-    for part in parts:
-        hasher.update(part)
-    if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
-        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
+    parts = _checked(_decoded(data, where, sha, raw_len), where, sha, raw_len)
     if checked is not None:
         checked.add(sha, data)
     return parts
 
 
-def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
-    parts = _raw_blocks(data, raw_len)
-    if parts is None:
-        try:
-            if zstandard.frame_content_size(data) != raw_len:
-                raise zstandard.ZstdError("wrong content size")
-            parts = [zstandard.ZstdDecompressor().decompress(data)]
-        except zstandard.ZstdError as e:
-            raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
+def _checked(parts: list[Piece], where: str, sha: str, raw_len: int) -> list[Piece]:
+    """``parts`` if they are the chunk's raw data (BLAKE3 names it), else CheckpointUnusable."""
+    hasher = blake3.blake3()
+    for part in parts:
+        hasher.update(part)
+    if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
     return parts
 
 
+def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[Piece]:
+    ranges = _raw_block_ranges(data, raw_len)
+    if ranges is not None:
+        view = memoryview(data)
+        return [view[a:b] for a, b in ranges]
+    try:
+        if zstandard.frame_content_size(data) != raw_len:
+            raise zstandard.ZstdError("wrong content size")
+        return [zstandard.ZstdDecompressor().decompress(data)]
+    except zstandard.ZstdError as e:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt: {e}") from None
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes of an open chunk file that verified: sent to CRIU's pipe from the page cache
+    (sendfile), not copied through a buffer. Chunk files are never rewritten in place (a save
+    renames a new file over, gc unlinks), so what was verified is what is sent."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+# A piece of a chunk's raw data as _DeferredFile sends it: bytes in memory or a span of a file.
+Piece = bytes | memoryview | _Span
+
+
+def _verified_span(fut: cf.Future[tuple[int, bytes]], where: str, sha: str, raw_len: int) -> list[Piece]:
+    """A file store's chunk checked against its name, as spans of its open file when it is stored
+    as raw blocks (the pages are sent from the page cache), else decoded."""
+    try:
+        fd, data = fut.result()
+    except _NotFound:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+    ranges = _raw_block_ranges(data, raw_len)
+    if ranges is None:
+        return _checked(_decoded(data, where, sha, raw_len), where, sha, raw_len)
+    view = memoryview(data)
+    _checked([view[a:b] for a, b in ranges], where, sha, raw_len)
+    return [_Span(fd, a, b - a) for a, b in ranges]
+
+
+def _send(fd: int, parts: list[Piece]) -> None:
+    for part in parts:
+        if isinstance(part, _Span):
+            offset, end = part.offset, part.offset + part.length
+            while offset < end:
+                sent = os.sendfile(fd, part.fd, offset, end - offset)
+                if not sent:
+                    raise StoreError("a chunk file shrank while it was being sent")
+                offset += sent
+        else:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+
+
 class DeferredFile:
-    """A checkpoint file that a fetch left out, to be read in order while it downloads (CRIU
-    restoring from its page images as they arrive). Chunks are downloaded ``concurrency`` ahead
-    of the reader and verified by all cores but one, so memory stays bounded whatever the file's
-    size and the reader keeps a core."""
+    """A checkpoint file that a fetch left out, to be written in order while it downloads (into
+    the pipe of a CRIU restoring from its page images as they arrive). Chunks are downloaded
+    ``concurrency`` ahead of the writer and verified by all cores but one, so memory stays bounded
+    whatever the file's size and the reader keeps a core."""
 
     def __init__(self, store: Store, job: str, cid: str, entry: _FileEntry) -> None:
         self._store, self._job, self._cid, self._entry = store, job, cid, entry
         self.size = entry.size
 
-    def parts(self, progress: Callable[[int], None] | None = None) -> Iterator[list[bytes | memoryview]]:
-        """The data, chunk by chunk, each verified before it is yielded. A damaged chunk marks the
-        checkpoint bad and raises CheckpointUnusable: what was yielded is cut short, never wrong.
+    def write_to(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
+        """Write the data into ``fd``, each chunk verified before any of it is written. A damaged
+        chunk marks the checkpoint bad and raises CheckpointUnusable: what was written is cut
+        short, never wrong. Downloads stop as soon as this returns or raises (the reader gone)."""
+        report = _Progress(progress)
+        with contextlib.closing(self._chunks()) as chunks:
+            for parts in chunks:
+                _send(fd, parts)
+                report.add(sum(map(len, parts)))
+
+    def _chunks(self) -> Iterator[list[Piece]]:
+        """The data, verified, chunk by chunk; a _Span's file is open until the next is asked for.
+
         A chunk that recurs (zero or repeated pages) is fetched and verified once: the last
         ``concurrency`` distinct chunks are kept decoded, and those that compressed well are kept
-        as stored, to be decoded again (repeated text, say)."""
+        as stored, to be decoded again (repeated text, say). From a file store, a chunk stored as
+        raw blocks (one that did not compress) is sent from its file instead."""
         store, where = self._store, f"{self._job}/{self._cid}"
         chunks = iter(self._entry.chunks)
         ahead: collections.deque[cf.Future] = collections.deque()
         recent: collections.OrderedDict[str, cf.Future] = collections.OrderedDict()
         checked = _Checked()
-        report = _Progress(progress)
-        with (
-            store._backend.transfers() as transfers,
-            cf.ThreadPoolExecutor(_STREAM_CPU_THREADS, thread_name_prefix="mmshim-stream") as cpu,
-        ):
+        opened: set[int] = set()  # chunk files open for _Spans: closed once sent, the rest at the end
+        try:
+            with (
+                store._backend.transfers() as transfers,
+                cf.ThreadPoolExecutor(_STREAM_CPU_THREADS, thread_name_prefix="mmshim-stream") as cpu,
+            ):
 
-            def next_chunk() -> None:
-                for sha, raw, stored in chunks:  # at most one
-                    if sha not in recent:
-                        if (data := checked.get(sha)) is not None:
-                            recent[sha] = cpu.submit(_decoded, data, where, sha, raw)
-                        else:
-                            got = transfers.get(_chunk_key(sha), stored)
-                            recent[sha] = cpu.submit(_verified, got, where, sha, raw, checked)
-                        if len(recent) > store.concurrency:
-                            recent.popitem(last=False)
-                    recent.move_to_end(sha)
-                    ahead.append(recent[sha])
-                    return
+                def next_chunk() -> None:
+                    for sha, raw, stored in chunks:  # at most one
+                        if isinstance(transfers, _FileTransfers) and stored > raw:
+                            got = transfers.open(_chunk_key(sha), opened)
+                            ahead.append(cpu.submit(_verified_span, got, where, sha, raw))
+                            return
+                        if sha not in recent:
+                            if (data := checked.get(sha)) is not None:
+                                recent[sha] = cpu.submit(_decoded, data, where, sha, raw)
+                            else:
+                                got = transfers.get(_chunk_key(sha), stored)
+                                recent[sha] = cpu.submit(_verified, got, where, sha, raw, checked)
+                            if len(recent) > store.concurrency:
+                                recent.popitem(last=False)
+                        recent.move_to_end(sha)
+                        ahead.append(recent[sha])
+                        return
 
-            try:
-                for _ in range(store.concurrency):
-                    next_chunk()
-                while ahead:
-                    parts = ahead.popleft().result()
-                    next_chunk()
-                    yield parts
-                    report.add(sum(map(len, parts)))
-            except CheckpointUnusable as e:
-                store._mark_bad(self._job, self._cid, str(e))
-                raise
-            finally:
-                cpu.shutdown(cancel_futures=True)
+                try:
+                    for _ in range(store.concurrency):
+                        next_chunk()
+                    while ahead:
+                        parts = ahead.popleft().result()
+                        next_chunk()
+                        yield parts
+                        for fd in {p.fd for p in parts if isinstance(p, _Span)}:
+                            opened.discard(fd)
+                            os.close(fd)
+                except CheckpointUnusable as e:
+                    store._mark_bad(self._job, self._cid, str(e))
+                    raise
+                finally:
+                    cpu.shutdown(cancel_futures=True)
+        finally:  # the transfers are done: no file opens any more
+            for fd in opened:
+                os.close(fd)
 
 
 class Store:

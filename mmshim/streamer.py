@@ -4,8 +4,9 @@ With `stream` in its configuration file, CRIU does not open images: it asks for 
 Unix socket `streamer-serve.sock` in the images directory. A request is a u32 length and an
 img_streamer_request_entry naming the file; the reply (same framing) says whether it exists; if
 it does, CRIU sends the write end of a pipe (SCM_RIGHTS) and reads the image from the other end.
-Page images are written into their pipes as the store delivers them, so the download overlaps
-CRIU's restore instead of preceding it; the other images are sent from the fetched directory.
+Page images are written into their pipes by the store (DeferredFile.write_to) as they download
+and verify, so the download overlaps CRIU's restore instead of preceding it; the other images are
+sent from the fetched directory.
 runc talks to CRIU over RPC, which needs install/criu-rpc-stream.patch (see `supported`).
 """
 
@@ -18,7 +19,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("mmshim.streamer")
@@ -28,8 +29,7 @@ PIPE_SIZE = 1 << 20  # the default 64 KiB costs a context switch per 64 KiB of m
 _F_SETPIPE_SZ = 1031
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
-Buffer = bytes | memoryview
-Source = Callable[[], Generator[list[Buffer], None, None]]  # one image's data (DeferredFile.parts)
+Source = Callable[[int], None]  # writes one image's data into a pipe (DeferredFile.write_to)
 
 
 def supported(criu: str) -> bool:
@@ -131,9 +131,8 @@ class Streamer:
         try:
             with contextlib.suppress(OSError):  # a smaller pipe is only slower
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-            if name in self.deferred:  # closed at once on failure: its downloads stop with it
-                with contextlib.closing(self.deferred[name]()) as source:
-                    self._send(fd, source)
+            if name in self.deferred:
+                self.deferred[name](fd)
             else:
                 with open(self.images / name, "rb") as f:
                     while os.splice(f.fileno(), fd, PIPE_SIZE):
@@ -143,14 +142,6 @@ class Streamer:
             self.errors.append(e)
         finally:
             os.close(fd)
-
-    @staticmethod
-    def _send(fd: int, source: Iterator[list[Buffer]]) -> None:
-        for parts in source:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:

@@ -383,6 +383,9 @@ def damage(st: Store, job: str, cid: str, how: str, exclude: set[str]) -> None:
         b.put(key, b"definitely not zstd")
     elif how == "delete_chunk":
         b.delete([key])
+    elif how == "flip_last_byte":  # the frame still decodes (a raw block's data, say)
+        data = b.get(key)
+        b.put(key, data[:-1] + bytes([data[-1] ^ 1]))
     elif how == "truncate_manifest":
         mkey = f"jobs/{job}/checkpoints/{cid}.json"
         data = b.get(mkey)
@@ -458,18 +461,40 @@ PAGES = "criu/pages-1.img"
 
 
 def drain(st_file: store_mod.DeferredFile, progress: Any = None) -> tuple[bytes, BaseException | None]:
-    """What the deferred file yields, and what it raised."""
+    """What the deferred file writes into a pipe (as into CRIU's), and what it raised."""
+    r, w = os.pipe()
     out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: os.read(r, 1 << 20), b"")))
+    reader.start()
+    error = None
     try:
-        for parts in st_file.parts(progress):
-            out += map(bytes, parts)
+        st_file.write_to(w, progress)
     except BaseException as e:
-        return b"".join(out), e
-    return b"".join(out), None
+        error = e
+    os.close(w)
+    reader.join()
+    os.close(r)
+    return b"".join(out), error
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def mixed_pages(seed: int) -> bytes:
+    """Chunks that do not compress (a file store sends them from their files), a recurring one,
+    zeros and text."""
+    noise = rand(CHUNK, seed)
+    text = (b"text %d " % seed) * (CHUNK // 7)
+    return noise + bytes(CHUNK) + noise + text[:CHUNK] + rand(CHUNK // 2 + 100, seed + 1)
+
+
+def with_mixed_pages(seed: int) -> dict[str, tuple[bytes, int]]:
+    return {**sample_files(seed), PAGES: (mixed_pages(seed), 0o644)}
 
 
 def test_deferred_file_streams_what_fetch_would_write(repo: Repo, tmp_path: Path) -> None:
-    files = sample_files()
+    files = with_mixed_pages(1)
     st = repo.open()
     info = st.save(JOB, write_tree(tmp_path / "src", files), {})
     dest = tmp_path / "dest"
@@ -477,33 +502,53 @@ def test_deferred_file_streams_what_fetch_would_write(repo: Repo, tmp_path: Path
     assert read_tree(dest) == {k: v for k, v in files.items() if k != PAGES}  # left out
     assert list(got.deferred) == [PAGES] and got.deferred[PAGES].size == len(files[PAGES][0])
     totals: list[int] = []
+    fds = open_fds()
     data, error = drain(got.deferred[PAGES], totals.append)
     assert error is None and data == files[PAGES][0]
     assert totals[-1] == len(data) and totals == sorted(totals)
+    assert open_fds() == fds  # a file store's chunk files, sent from, are all closed again
 
 
-@pytest.mark.parametrize("how", ["corrupt_chunk", "garbage_chunk", "delete_chunk"])
-def test_deferred_damage_marks_bad_and_stops_short(repo: Repo, tmp_path: Path, how: str) -> None:
-    """Damage found while streaming: nothing wrong is written (what CRIU got is a prefix of the
-    true data), the checkpoint is marked bad and the next fetch_latest takes the previous one."""
+@pytest.mark.parametrize("chunk", ["noise", "text"])
+@pytest.mark.parametrize("how", ["corrupt_chunk", "garbage_chunk", "delete_chunk", "flip_last_byte"])
+def test_deferred_damage_marks_bad_and_stops_short(repo: Repo, tmp_path: Path, how: str, chunk: str) -> None:
+    """Damage found while streaming, in a chunk stored as raw blocks or compressed: nothing wrong
+    is written (the pipe got a prefix of the true data), the checkpoint is marked bad and the
+    next fetch_latest takes the previous one."""
     st = repo.open()
-    a = st.save(JOB, write_tree(tmp_path / "a", sample_files(1)), {})
-    files_b = sample_files(2)
-    b = st.save(JOB, write_tree(tmp_path / "b", files_b), {})
-    _, entries = st._read_manifest(JOB, b.checkpoint_id)
-    pages = {f"chunks/{sha[:2]}/{sha}" for f in entries if f.name == PAGES for sha, _, _ in f.chunks}
-    others = manifest_chunks(st, JOB, b.checkpoint_id) - pages | manifest_chunks(st, JOB, a.checkpoint_id)
-    damage(st, JOB, b.checkpoint_id, how, exclude=others)
+    a = st.save(JOB, write_tree(tmp_path / "a", with_mixed_pages(1)), {})
+    pages_b = mixed_pages(2)
+    b = st.save(JOB, write_tree(tmp_path / "b", with_mixed_pages(2)), {})
+    target = store_mod.chunk_hash(pages_b[:CHUNK] if chunk == "noise" else pages_b[3 * CHUNK : 4 * CHUNK])
+    others = manifest_chunks(st, JOB, b.checkpoint_id) | manifest_chunks(st, JOB, a.checkpoint_id)
+    damage(st, JOB, b.checkpoint_id, how, exclude=others - {f"chunks/{target[:2]}/{target}"})
     defer = PAGES.__eq__
     got = st.fetch_latest(JOB, tmp_path / "dest", defer=defer)  # the small files are all right
     assert got.checkpoint_id == b.checkpoint_id
+    fds = open_fds()
     data, error = drain(got.deferred[PAGES])
     assert isinstance(error, CheckpointUnusable)
-    assert len(data) < len(files_b[PAGES][0]) and files_b[PAGES][0].startswith(data)
+    assert open_fds() == fds
+    assert len(data) < len(pages_b) and pages_b.startswith(data)
     assert {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}[b.checkpoint_id] == "bad"
     again = st.fetch_latest(JOB, tmp_path / "dest2", defer=defer)
     assert again.checkpoint_id == a.checkpoint_id
-    assert drain(again.deferred[PAGES]) == (sample_files(1)[PAGES][0], None)
+    assert drain(again.deferred[PAGES]) == (mixed_pages(1), None)
+
+
+def test_deferred_file_stops_when_its_reader_goes(repo: Repo, tmp_path: Path) -> None:
+    """CRIU gone part-way: write_to raises at once, its downloads stop, its files are closed."""
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", with_mixed_pages(1)), {})
+    got = st.fetch(JOB, info.checkpoint_id, tmp_path / "dest", defer=PAGES.__eq__)
+    fds = open_fds()
+    r, w = os.pipe()
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        got.deferred[PAGES].write_to(w)
+    os.close(w)
+    assert open_fds() == fds
+    assert {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}[info.checkpoint_id] == "good"
 
 
 # ---------------------------------------------------------------------------------------------
