@@ -1075,23 +1075,23 @@ def _verified(
         data = fut.result()
     except _NotFound:
         raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
-    parts = _checked(_decoded(data, where, sha, raw_len), where, sha, raw_len)
+    parts = _decoded(data, where, sha, raw_len)
+    _check(parts, where, sha, raw_len)
     if checked is not None:
         checked.add(sha, data)
     return parts
 
 
-def _checked(parts: list[Piece], where: str, sha: str, raw_len: int) -> list[Piece]:
-    """``parts`` if they are the chunk's raw data (BLAKE3 names it), else CheckpointUnusable."""
+def _check(parts: list[bytes | memoryview], where: str, sha: str, raw_len: int) -> None:
+    """CheckpointUnusable unless ``parts`` are the chunk's raw data (BLAKE3 names it)."""
     hasher = blake3.blake3()
     for part in parts:
         hasher.update(part)
     if sum(map(len, parts)) != raw_len or hasher.hexdigest() != sha:
         raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is corrupt (checksum mismatch)")
-    return parts
 
 
-def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[Piece]:
+def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
     ranges = _raw_block_ranges(data, raw_len)
     if ranges is not None:
         view = memoryview(data)
@@ -1122,18 +1122,24 @@ class _Span:
 Piece = bytes | memoryview | _Span
 
 
-def _verified_span(fut: cf.Future[tuple[int, bytes]], where: str, sha: str, raw_len: int) -> list[Piece]:
+def _verified_span(
+    fut: cf.Future[tuple[int, bytes]], opened: set[int], where: str, sha: str, raw_len: int
+) -> list[Piece]:
     """A file store's chunk checked against its name, as spans of its open file when it is stored
-    as raw blocks (the pages are sent from the page cache), else decoded."""
+    as raw blocks (the pages are sent from the page cache), else decoded (its file closed)."""
     try:
         fd, data = fut.result()
     except _NotFound:
         raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
     ranges = _raw_block_ranges(data, raw_len)
     if ranges is None:
-        return _checked(_decoded(data, where, sha, raw_len), where, sha, raw_len)
+        opened.discard(fd)
+        os.close(fd)
+        parts = _decoded(data, where, sha, raw_len)
+        _check(parts, where, sha, raw_len)
+        return list(parts)
     view = memoryview(data)
-    _checked([view[a:b] for a, b in ranges], where, sha, raw_len)
+    _check([view[a:b] for a, b in ranges], where, sha, raw_len)
     return [_Span(fd, a, b - a) for a, b in ranges]
 
 
@@ -1195,7 +1201,7 @@ class DeferredFile:
                     for sha, raw, stored in chunks:  # at most one
                         if isinstance(transfers, _FileTransfers) and stored > raw:
                             got = transfers.open(_chunk_key(sha), opened)
-                            ahead.append(cpu.submit(_verified_span, got, where, sha, raw))
+                            ahead.append(cpu.submit(_verified_span, got, opened, where, sha, raw))
                             return
                         if sha not in recent:
                             if (data := checked.get(sha)) is not None:

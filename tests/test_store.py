@@ -509,6 +509,21 @@ def test_deferred_file_streams_what_fetch_would_write(repo: Repo, tmp_path: Path
     assert open_fds() == fds  # a file store's chunk files, sent from, are all closed again
 
 
+def test_deferred_file_decodes_a_chunk_that_is_not_raw_blocks_after_all(repo: Repo, tmp_path: Path) -> None:
+    """A chunk larger stored than raw is read as raw blocks from a file store, but another frame
+    of the same data (zstd's own, from another writer) is decoded instead, its file closed."""
+    files = with_mixed_pages(1)
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", files), {})
+    noise = store_mod.chunk_hash(rand(CHUNK, 1))
+    st._backend.put(f"chunks/{noise[:2]}/{noise}", zstandard.ZstdCompressor().compress(rand(CHUNK, 1)))
+    got = st.fetch(JOB, info.checkpoint_id, tmp_path / "dest", defer=PAGES.__eq__)
+    fds = open_fds()
+    assert drain(got.deferred[PAGES]) == (files[PAGES][0], None)
+    assert open_fds() == fds
+    assert {c.checkpoint_id: c.state for c in st.checkpoints(JOB)}[info.checkpoint_id] == "good"
+
+
 @pytest.mark.parametrize("chunk", ["noise", "text"])
 @pytest.mark.parametrize("how", ["corrupt_chunk", "garbage_chunk", "delete_chunk", "flip_last_byte"])
 def test_deferred_damage_marks_bad_and_stops_short(repo: Repo, tmp_path: Path, how: str, chunk: str) -> None:
