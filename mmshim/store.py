@@ -1071,15 +1071,19 @@ def _verified(
 
     With ``checked``, a small stored chunk that verified is kept there: the same bytes decode to
     the same data, so a recurrence needs neither the download nor the hash (_decoded)."""
-    try:
-        data = fut.result()
-    except _NotFound:
-        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+    data = _downloaded(fut, where, sha)
     parts = _decoded(data, where, sha, raw_len)
     _check(parts, where, sha, raw_len)
     if checked is not None:
         checked.add(sha, data)
     return parts
+
+
+def _downloaded(fut: cf.Future[Any], where: str, sha: str) -> Any:
+    try:
+        return fut.result()
+    except _NotFound:
+        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
 
 
 def _check(parts: list[bytes | memoryview], where: str, sha: str, raw_len: int) -> None:
@@ -1127,10 +1131,7 @@ def _verified_span(
 ) -> list[Piece]:
     """A file store's chunk checked against its name, as spans of its open file when it is stored
     as raw blocks (the pages are sent from the page cache), else decoded (its file closed)."""
-    try:
-        fd, data = fut.result()
-    except _NotFound:
-        raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+    fd, data = _downloaded(fut, where, sha)
     ranges = _raw_block_ranges(data, raw_len)
     if ranges is None:
         opened.discard(fd)
@@ -1153,9 +1154,7 @@ def _send(fd: int, parts: list[Piece]) -> None:
                     raise StoreError("a chunk file shrank while it was being sent")
                 offset += sent
         else:
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, [part])
 
 
 class DeferredFile:
