@@ -1072,8 +1072,7 @@ def _verified(
     With ``checked``, a small stored chunk that verified is kept there: the same bytes decode to
     the same data, so a recurrence needs neither the download nor the hash (_decoded)."""
     data = _downloaded(fut, where, sha)
-    parts = _decoded(data, where, sha, raw_len)
-    _check(parts, where, sha, raw_len)
+    parts = _decoded_checked(data, where, sha, raw_len)
     if checked is not None:
         checked.add(sha, data)
     return parts
@@ -1084,6 +1083,12 @@ def _downloaded(fut: cf.Future[Any], where: str, sha: str) -> Any:
         return fut.result()
     except _NotFound:
         raise CheckpointUnusable(f"checkpoint {where}: chunk {sha} is missing") from None
+
+
+def _decoded_checked(data: bytes, where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
+    parts = _decoded(data, where, sha, raw_len)
+    _check(parts, where, sha, raw_len)
+    return parts
 
 
 def _check(parts: list[bytes | memoryview], where: str, sha: str, raw_len: int) -> None:
@@ -1122,7 +1127,7 @@ class _Span:
         return self.length
 
 
-# A piece of a chunk's raw data as _DeferredFile sends it: bytes in memory or a span of a file.
+# A piece of a chunk's raw data as DeferredFile sends it: bytes in memory or a span of a file.
 Piece = bytes | memoryview | _Span
 
 
@@ -1136,9 +1141,7 @@ def _verified_span(
     if ranges is None:
         opened.discard(fd)
         os.close(fd)
-        parts = _decoded(data, where, sha, raw_len)
-        _check(parts, where, sha, raw_len)
-        return list(parts)
+        return [*_decoded_checked(data, where, sha, raw_len)]
     view = memoryview(data)
     _check([view[a:b] for a, b in ranges], where, sha, raw_len)
     return [_Span(fd, a, b - a) for a, b in ranges]
