@@ -3,8 +3,11 @@
 A static test program holds BENCH_MIB MiB (default 2048) of incompressible or compressible memory
 in a container of a private dockerd. Measured, for each kind of memory:
 - time to a committed checkpoint in file:// and in S3 (moto's server on loopback) against
-  `runc checkpoint --leave-running` to a local directory;
+  `runc checkpoint --leave-running` to a local directory, and for file:// also against that
+  checkpoint followed by a `sync` (the store's chunks are on disk when it commits; raw's are not);
 - time the container is frozen (paused) against runc's (CRIU's frozen time);
+- both for a checkpoint on the interval (chunks written once the container runs again) and for
+  one at a Spot notice (urgent: chunks written while CRIU dumps, to commit sooner);
 - bytes stored by a second checkpoint after the program rewrote 5% of its memory;
 - restore: a `docker run` that restores on create from the file:// store, with the page images
   streamed into CRIU as they are read and verified, and with everything fetched first; against
@@ -47,6 +50,15 @@ def criu_frozen(work: Path) -> float:
         return pycriu.images.load(f)["entries"][0]["dump"]["frozen_time"] / 1e6
 
 
+def settle() -> None:
+    """Let the previous checkpoint's staging removal (engine.remove_later) and its dirty pages
+    finish, so that they do not slow the next measurement."""
+    for t in threading.enumerate():
+        if t.name == "remove-staging":
+            t.join()
+    os.sync()
+
+
 def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
     args = ["/bin/memhog", str(MIB), kind]
     job = f"bench-{kind}"
@@ -63,21 +75,21 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
         def add(key: str, value: float) -> None:
             runs.setdefault(key, []).append(value)
 
-        def ours(name: str, store: Store) -> None:
-            if name == "file":  # an empty store each time: every run writes every chunk
+        def ours(name: str, store: Store, urgent: bool = False) -> None:
+            if store is file_store:  # an empty store each time: every run writes every chunk
                 file_store.delete(job)
                 file_store.gc(grace_seconds=0)
-            os.sync()
+            settle()
             t0 = time.monotonic()
-            info = engine.checkpoint(runc, cid, store, job, {"progress_s": 0.0}, settings)
+            info = engine.checkpoint(runc, cid, store, job, {"progress_s": 0.0}, settings, urgent=urgent)
             add(f"{name}_checkpoint", time.monotonic() - t0)
             add(f"{name}_paused", info.meta["timings"]["paused_s"])
             add(f"{name}_frozen", info.meta.get("frozen_s", float("nan")))
             add(f"{name}_stored", info.stored)
 
-        for _ in range(REPS):
+        for rep in range(REPS):
             raw_dir, raw_work = state / f"raw-{kind}", state / f"raw-{kind}-work"
-            os.sync()
+            settle()
             t0 = time.monotonic()
             runc.run(
                 "checkpoint",
@@ -89,11 +101,14 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
                 cid,
             )
             add("raw_checkpoint", time.monotonic() - t0)
+            os.sync()  # what mmshim's store does for its copy: on disk before it is committed
+            add("raw_durable", time.monotonic() - t0)
             add("raw_frozen", criu_frozen(raw_work))
             add("raw_bytes", sum(f.stat().st_size for f in raw_dir.iterdir()))
             shutil.rmtree(raw_dir)
             shutil.rmtree(raw_work)
-            ours("file", file_store)
+            for name in ("file", "urgent")[:: 1 if rep % 2 else -1]:
+                ours(name, file_store, urgent=name == "urgent")
         ours("s3", s3_store)
         r = {k: statistics.median(v) for k, v in runs.items()}
         ours("file", file_store)  # the base of the second checkpoint below
@@ -234,9 +249,13 @@ def table(results: dict[str, dict[str, float]]) -> str:
     rows = ["| memory | what | baseline | mmshim | ratio |", "|---|---|---|---|---|"]
     lines = [
         ("checkpoint committed, file:// vs raw runc checkpoint to disk", "raw_checkpoint", "file_checkpoint"),
+        ("checkpoint committed, file:// vs raw runc checkpoint, then sync", "raw_durable", "file_checkpoint"),
+        ("  at a Spot notice (writes during the dump) vs raw", "raw_checkpoint", "urgent_checkpoint"),
+        ("  at a Spot notice vs raw runc checkpoint, then sync", "raw_durable", "urgent_checkpoint"),
         ("checkpoint committed, s3:// (moto) vs raw runc checkpoint", "raw_checkpoint", "s3_checkpoint"),
         ("container frozen (paused) vs CRIU frozen time of raw", "raw_frozen", "file_paused"),
         ("CRIU frozen time inside mmshim vs raw", "raw_frozen", "file_frozen"),
+        ("container frozen at a Spot notice vs CRIU frozen time of raw", "raw_frozen", "urgent_paused"),
         ("restore, same runc container: streamed vs runc restore", "raw_restore", "engine_streamed"),
         ("restore, same runc container: fetched first vs runc restore", "raw_restore", "engine_fetched"),
         ("restore on create via dockerd, streamed: whole restore", "raw_restore", "mmshim_restore"),

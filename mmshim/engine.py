@@ -3,8 +3,8 @@
 A checkpoint holds what a restore on a NEW host needs: CRIU's images, the overlay writable layer
 (CRIU does not carry it) and the contents of chosen bind mounts such as Docker's /dev/shm. The
 container is paused while the layer is captured and CRIU dumps, so the three are consistent; it
-resumes as soon as CRIU is done, while compression and upload of the images (which began while
-CRIU was still writing them) finish.
+resumes as soon as CRIU is done. The upload reads, hashes and compresses the images while CRIU
+writes them, but writes nothing to the store until the container runs again (store.Gate).
 """
 
 import contextlib
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mmshim import layer, streamer
 from mmshim.config import Settings
-from mmshim.store import CheckpointInfo, CheckpointUnusable, Store
+from mmshim.store import CheckpointInfo, CheckpointUnusable, Gate, Store
 
 log = logging.getLogger("mmshim.engine")
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
@@ -135,10 +135,14 @@ def checkpoint(
     meta: dict,
     settings: Settings,
     progress: Callable[[int], None] | None = None,
+    urgent: bool = False,
 ) -> CheckpointInfo:
     """Checkpoint a running container, leaving it running; the manifest is committed last.
 
-    ``progress`` gets the upload's running total of raw bytes (Store.save).
+    ``progress`` gets the upload's running total of raw bytes (Store.save). Chunks are written
+    to the store once the container runs again, which keeps its freeze short; an ``urgent``
+    checkpoint (the Spot notice: the host goes in two minutes, the freeze no longer matters)
+    writes them while CRIU dumps, and so commits sooner.
     """
     state = runc.state(container_id)
     if not state or state.get("status") != "running":
@@ -156,18 +160,21 @@ def checkpoint(
         "host": socket.gethostname(),
         "args": (spec.get("process") or {}).get("args"),
         "versions": versions(runc.runc, criu_of(runc)),
+        "urgent": urgent,
     }
     timings: dict[str, float] = {}
     meta["timings"] = timings  # filled in while the upload runs; the manifest is written last
-    done, abort = threading.Event(), threading.Event()
+    done, abort, resumed = threading.Event(), threading.Event(), Gate()
     result: dict = {}
 
     def upload() -> None:
-        # While CRIU dumps, the container is frozen: the upload (hashing, compression, writes) must
-        # not take CPU from CRIU. Its threads inherit this nice value; set_priority restores it.
+        # While CRIU dumps, the container is frozen: the upload (hashing, compression) must not
+        # take CPU from CRIU. Its threads inherit this nice value; set_priority restores it.
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICE_WHILE_FROZEN)
         try:
-            result["info"] = store.save(job_id, stage, meta, done=done, progress=progress, abort=abort)
+            result["info"] = store.save(
+                job_id, stage, meta, done=done, progress=progress, abort=abort, gate=resumed
+            )
         except Exception as exc:
             result["error"] = exc
 
@@ -185,6 +192,8 @@ def checkpoint(
             for i, source in enumerate(sources.values()):
                 layer.capture_tree(source, str(stage / "mounts" / f"{i}.tar"), settings.mount_cap)
             timings["layer_s"] = time.monotonic() - t0
+            if urgent:
+                resumed.open()
             uploader.start()
             runc.run(
                 "checkpoint",
@@ -201,6 +210,7 @@ def checkpoint(
             runc.run("resume", container_id)
             timings["paused_s"] = time.monotonic() - t0
             set_priority(os.getpriority(os.PRIO_PROCESS, 0))  # the upload may have the CPU now
+            resumed.open()
         meta.update(criu_stats(work))  # CRIU writes stats-dump to the work dir
         (stage / "logs").mkdir()
         if (work / "dump.log").exists():
@@ -209,6 +219,7 @@ def checkpoint(
         abort.set()
         raise
     finally:
+        resumed.open()  # also when resume failed: the save waits for it
         done.set()
         if uploader.is_alive():
             uploader.join()

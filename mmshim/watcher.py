@@ -109,7 +109,13 @@ class Watcher:
                 os.setpriority(os.PRIO_PROCESS, 0, 0)  # the freeze must be short: full priority
                 try:
                     info = engine.checkpoint(
-                        self.runc, self.cid, self.store, self.job.job_id, meta, self.settings
+                        self.runc,
+                        self.cid,
+                        self.store,
+                        self.job.job_id,
+                        meta,
+                        self.settings,
+                        urgent=trigger == "spot",
                     )
                 finally:
                     os.setpriority(os.PRIO_PROCESS, 0, WATCHER_NICE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import http.server
+import itertools
 import json
 import os
 import random
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,15 +241,62 @@ def test_growing_files_overlap_dump_and_upload(repo: Repo, tmp_path: Path) -> No
     assert (dest / "criu/late.img").read_bytes() == b"written last"
 
 
+@pytest.mark.parametrize("compressible", [False, True])
+def test_gate_holds_chunk_writes_until_opened(repo: Repo, tmp_path: Path, compressible: bool) -> None:
+    """Chunks are hashed while the source grows but written only once the gate opens. Held
+    chunks count in the save's memory bound by what they hold: incompressible ones stop the
+    reading at 2 x concurrency (the save waits, and opening the gate from another thread releases
+    them), compressed ones hold little, so the whole file is read and hashed meanwhile."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    if compressible:
+        n = 40
+        data = b"".join((b"chunk %d " % i * CHUNK)[:CHUNK] for i in range(n)) + b"tail!"
+    else:
+        n = 8
+        data = rand(12 * CHUNK + 5, 11)  # more full chunks than the bound (2 x concurrency 4)
+    (src / "criu/pages-1.img").write_bytes(data)
+    all_held, held = threading.Event(), itertools.count(1)
+
+    class Counting(store_mod.Gate):
+        def call(self, write: Callable[[], None]) -> None:
+            super().call(write)
+            if next(held) == n:
+                all_held.set()
+
+    gate, done, totals, result = Counting(), threading.Event(), [], {}
+    st = repo.open()
+
+    def save() -> None:
+        try:
+            result["info"] = st.save(JOB, src, {}, done=done, progress=totals.append, gate=gate)
+        except BaseException as e:
+            result["error"] = e
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    try:
+        assert all_held.wait(60), "the chunks never reached the gate"
+        assert chunk_keys(st) == set() and totals == [], "a chunk was written through a closed gate"
+    finally:
+        done.set()
+        gate.open()
+        saver.join(60)
+    assert not saver.is_alive() and "error" not in result, result
+    dest = tmp_path / "dest"
+    repo.open().fetch(JOB, result["info"].checkpoint_id, dest)
+    assert (dest / "criu/pages-1.img").read_bytes() == data
+
+
 def test_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reader never has more than 2 x concurrency chunks in flight."""
+    """The reader never holds more than 2 x concurrency chunks' bytes in flight."""
     src = write_tree(tmp_path / "src", {"big": (rand(40 * CHUNK, 3), 0o644)})
     peak = [0]
     real_start, real_put = store_mod._Pipeline.start, store_mod._FileBackend.put
 
-    def start(self: store_mod._Pipeline) -> bool:
-        ok = real_start(self)
-        peak[0] = max(peak[0], self._pending)
+    def start(self: store_mod._Pipeline, weight: int = 1) -> bool:
+        ok = real_start(self, weight)
+        peak[0] = max(peak[0], self._used)
         return ok
 
     def slow_put(self: store_mod._FileBackend, key: str, data: bytes, *, bulk: bool = False) -> None:
@@ -259,7 +307,7 @@ def test_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(store_mod._FileBackend, "put", slow_put)
     st = open_store(f"file://{tmp_path}/repo", chunk_size=CHUNK, concurrency=2)
     st.save(JOB, src, {})
-    assert peak[0] == 4
+    assert peak[0] == 4 * CHUNK
 
 
 # ---------------------------------------------------------------------------------------------

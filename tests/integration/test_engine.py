@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mmshim import engine, layer
+from mmshim import store as store_mod
 from mmshim.config import Settings
 from mmshim.localdocker import IMAGE, Docker, build_image, wait_for
 from mmshim.store import open_store
@@ -45,6 +46,30 @@ def test_second_checkpoint_stores_only_what_changed(
         assert first.stored > 48 << 20  # random memory: all of it stored once
         assert second.stored < first.stored * 0.2
         assert second.meta["frozen_s"] > 0 and second.meta["pages_written"] > 0  # CRIU's own stats
+    finally:
+        docker.run("rm", "-f", cid, check=False)
+
+
+def test_nothing_is_written_to_the_store_while_the_container_is_frozen(
+    docker: Docker, memhog_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes would slow CRIU while the job is frozen: the upload hashes then, writes after."""
+    monkeypatch.setattr(store_mod, "POLL_SECONDS", 0.001)  # read CRIU's images as they grow
+    cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "64", "random").strip()
+    try:
+        docker.wait_logs(cid, "ready")
+        runc = runc_of(docker)
+        states: list[str] = []
+
+        def hook(point: str, **info: object) -> None:
+            if point == "tmp_written" and str(info["key"]).startswith("chunks/"):
+                states.append((runc.state(cid) or {}).get("status", "gone"))
+
+        monkeypatch.setattr(store_mod, "_fault_hook", hook)
+        store = open_store(f"file://{tmp_path / 'store'}")
+        info = engine.checkpoint(runc, cid, store, "frozen", {}, Settings(workdir=str(tmp_path / "work")))
+        assert info.stored > 64 << 20 and len(states) >= 16
+        assert set(states) == {"running"}, states
     finally:
         docker.run("rm", "-f", cid, check=False)
 

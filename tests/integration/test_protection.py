@@ -55,7 +55,8 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store,
     without install/criu-rpc-stream.patch gets)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     first = run_job(docker, job, 1, MMSHIM_INTERVAL="2")
-    wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    interval = wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    assert not interval.meta["urgent"]  # writes wait for the resume: the shorter freeze
     docker.run("rm", "-f", first)  # the host is reclaimed
     wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
     assert store.latest_good(job) is not None  # a failed attempt keeps its checkpoints
@@ -92,7 +93,7 @@ def test_spot_notice_takes_final_checkpoint(
         time.sleep(2)
         urllib.request.urlopen(urllib.request.Request(f"{imds}/mmshim/spot?action=terminate", method="POST"))
         info = wait_for(lambda: store.latest_good(job), "the final checkpoint")
-        assert info.meta["trigger"] == "spot"
+        assert info.meta["trigger"] == "spot" and info.meta["urgent"]  # writes overlapped the dump
         assert "spot.notice" in events(store, job)
     finally:
         urllib.request.urlopen(urllib.request.Request(f"{imds}/mmshim/reset", method="POST"))
@@ -259,7 +260,7 @@ def test_imds_faults_do_not_stop_the_watcher(
         post(f"{imds}/mmshim/fault?mode=expire-tokens&count=1")
         post(f"{imds}/mmshim/spot?action=terminate")
         info = wait_for(lambda: store.latest_good(job), "a checkpoint after IMDS recovered")
-        assert info.meta["trigger"] == "spot"
+        assert info.meta["trigger"] == "spot" and info.meta["urgent"]  # writes overlapped the dump
     finally:
         post(f"{imds}/mmshim/reset")
         docker.run("rm", "-f", cid)
