@@ -4,7 +4,8 @@ A static test program holds BENCH_MIB MiB (default 2048) of incompressible or co
 in a container of a private dockerd. Measured, for each kind of memory:
 - time to a committed checkpoint in file:// and in S3 (moto's server on loopback) against
   `runc checkpoint --leave-running` to a local directory, and for file:// also against that
-  checkpoint followed by a `sync` (the store's chunks are on disk when it commits; raw's are not);
+  checkpoint followed by a `sync` (the store's chunks are on disk when it commits; raw's are not),
+  and for S3 against that checkpoint followed by boto3's own `upload_file` of its images;
 - time the container is frozen (paused) against runc's (CRIU's frozen time);
 - both for a checkpoint on the interval (chunks written once the container runs again) and for
   one at a Spot notice (urgent: chunks written while CRIU dumps, to commit sooner);
@@ -59,6 +60,15 @@ def settle() -> None:
     os.sync()
 
 
+def plain_upload(s3: str, images: Path, prefix: str) -> float:
+    """Seconds that boto3's own upload_file (s3transfer, default settings) takes for the images."""
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    t0 = time.monotonic()
+    for f in sorted(images.iterdir()):
+        client.upload_file(str(f), "bench", f"{prefix}/{f.name}")
+    return time.monotonic() - t0
+
+
 def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
     args = ["/bin/memhog", str(MIB), kind]
     job = f"bench-{kind}"
@@ -105,6 +115,8 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
             add("raw_durable", time.monotonic() - t0)
             add("raw_frozen", criu_frozen(raw_work))
             add("raw_bytes", sum(f.stat().st_size for f in raw_dir.iterdir()))
+            if rep == 0:  # S3 is measured once: against raw's images sent by plain boto3
+                add("raw_s3", runs["raw_checkpoint"][-1] + plain_upload(s3, raw_dir, f"plain/{kind}"))
             shutil.rmtree(raw_dir)
             shutil.rmtree(raw_work)
             for name in ("file", "urgent")[:: 1 if rep % 2 else -1]:
@@ -253,6 +265,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
         ("  at a Spot notice (writes during the dump) vs raw", "raw_checkpoint", "urgent_checkpoint"),
         ("  at a Spot notice vs raw runc checkpoint, then sync", "raw_durable", "urgent_checkpoint"),
         ("checkpoint committed, s3:// (moto) vs raw runc checkpoint", "raw_checkpoint", "s3_checkpoint"),
+        ("  vs raw runc checkpoint, then boto3 upload_file of it", "raw_s3", "s3_checkpoint"),
         ("container frozen (paused) vs CRIU frozen time of raw", "raw_frozen", "file_paused"),
         ("CRIU frozen time inside mmshim vs raw", "raw_frozen", "file_frozen"),
         ("container frozen at a Spot notice vs CRIU frozen time of raw", "raw_frozen", "urgent_paused"),
