@@ -935,27 +935,27 @@ class _Progress:
 class Gate:
     """Holds a save's chunk writes until opened. A checkpoint's upload reads, hashes and
     compresses CRIU's images while CRIU writes them, but writing chunks to the store meanwhile
-    takes page cache, memory bandwidth and disk from CRIU while the container is frozen (2 GiB
-    of random memory, bench/checkpoint.py: frozen 1.34x raw CRIU's with writes, 0.96x held).
-    The opener must open it in every path: held chunks keep their place in the save's memory
-    bound, so a save may wait for it.
+    takes page cache, memory bandwidth and disk from CRIU while the container is frozen (for
+    incompressible memory the freeze was 0.16 to 0.42 s longer per 2 GiB: bench/checkpoint.py
+    shows both). The opener must open it in every path: held chunks keep their place in the
+    save's memory bound, so a save may wait for it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: list[Callable[[], None]] | None = []  # None: open
+        self._waiting: list[Callable[[], None]] | None = []  # None: open
 
     def open(self) -> None:
         with self._lock:
-            held, self._held = self._held or [], None
-        for write in held:
+            waiting, self._waiting = self._waiting or [], None
+        for write in waiting:
             write()
 
     def call(self, write: Callable[[], None]) -> None:
         """Run ``write`` now if open, else when opened (in the opener's thread)."""
         with self._lock:
-            if self._held is not None:
-                self._held.append(write)
+            if self._waiting is not None:
+                self._waiting.append(write)
                 return
         write()
 
@@ -1079,7 +1079,7 @@ def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
             view, offset = view[n:], offset + n
 
 
-def _held(raw_len: int, stored: int) -> int:
+def _weight(raw_len: int, stored: int) -> int:
     """Bytes a chunk on its way to the store holds: its compressed form, or (raw blocks, a frame
     of views of the raw bytes) the raw bytes."""
     return min(raw_len, stored)
@@ -1635,8 +1635,8 @@ class Store:
                     data = self._compress(raw)
                     size = sum(map(len, data)) if isinstance(data, list) else len(data)
                     ctx.sizes[sha] = size
-                    ctx.pipe.shrink(weight - _held(len(raw), size))  # raw is freed: data is kept
-                    weight = _held(len(raw), size)
+                    ctx.pipe.shrink(weight - _weight(len(raw), size))  # raw is freed: data is kept
+                    weight = _weight(len(raw), size)
                     ctx.gate.call(functools.partial(self._write_chunk, ctx, key, data, len(raw), size))
                     return
             ctx.progress.add(len(raw))
@@ -1650,7 +1650,7 @@ class Store:
         try:
             fut = ctx.transfers.put(key, data)
         except BaseException as e:
-            ctx.pipe.finish(e, _held(raw_len, stored))
+            ctx.pipe.finish(e, _weight(raw_len, stored))
             return
         fut.add_done_callback(functools.partial(self._chunk_written, ctx, raw_len, stored))
 
@@ -1666,7 +1666,7 @@ class Store:
                 ctx.progress.add(raw_len)
             except BaseException as e:
                 error = e
-        ctx.pipe.finish(error, _held(raw_len, stored))
+        ctx.pipe.finish(error, _weight(raw_len, stored))
 
     # -- fetching ------------------------------------------------------------------------------
 
