@@ -1635,8 +1635,9 @@ class Store:
                     data = self._compress(raw)
                     size = sum(map(len, data)) if isinstance(data, list) else len(data)
                     ctx.sizes[sha] = size
-                    ctx.pipe.shrink(weight - _weight(len(raw), size))  # raw is freed: data is kept
-                    weight = _weight(len(raw), size)
+                    kept = _weight(len(raw), size)
+                    ctx.pipe.shrink(weight - kept)  # raw is freed: data is kept
+                    weight = kept
                     ctx.gate.call(functools.partial(self._write_chunk, ctx, key, data, len(raw), size))
                     return
             ctx.progress.add(len(raw))
