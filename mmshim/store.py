@@ -936,7 +936,7 @@ class Gate:
     """Holds a save's chunk writes until opened. A checkpoint's upload reads, hashes and
     compresses CRIU's images while CRIU writes them, but writing chunks to the store meanwhile
     takes page cache, memory bandwidth and disk from CRIU while the container is frozen (for
-    incompressible memory the freeze was 0.16 to 0.42 s longer per 2 GiB: bench/checkpoint.py
+    incompressible memory the freeze was 0.15 to 0.42 s longer per 2 GiB: bench/checkpoint.py
     shows both). The opener must open it in every path: held chunks keep their place in the
     save's memory bound, so a save may wait for it.
     """
