@@ -14,7 +14,8 @@ in a container of a private dockerd. Measured, for each kind of memory:
   streamed into CRIU as they are read and verified, and with everything fetched first; against
   a plain `runc restore -d` from a local directory of the same program with the container's own
   spec in a runc bundle (no dockerd), after a sync, alternating with them (the `runc restore`
-  inside the fetched-first restore is shown too: it runs right after the fetch wrote the images).
+  inside the fetched-first restore is shown too: it runs right after the fetch wrote the images);
+  every restore starts right after the container before it is deleted (FREED_LAST).
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
 each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
 of ratios. Needs root and the host set-up (install/setup-host.sh).
@@ -42,6 +43,12 @@ MIB = int(os.environ.get("BENCH_MIB", "2048"))
 REPS = int(os.environ.get("BENCH_REPS", "3"))
 IMAGE = "mmshim-bench/memhog:1"
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
+# FREED_LAST: every timed restore runs right after the container it replaces is deleted, never a
+# `sync` later. On this kind of VM (Firecracker, `page_reporting.page_reporting_order=11` on the
+# kernel command line) memory left free for about 2 s is handed back to the host, and the next
+# use of it page-faults in the host: a raw `runc restore` of 2 GiB took 1.12 to 2.45 s (median
+# 1.47) when its container was deleted before the sync of its images, 1.04 to 1.52 (median 1.24)
+# when deleted after it (6 rounds each, same run). Both sides get the same treatment.
 
 
 def criu_frozen(work: Path) -> float:
@@ -153,6 +160,8 @@ class RawContainer:
         self._runc("run", "-d", "--bundle", str(self.bundle), self.cid)
         if not self.ready.wait(120):
             raise RuntimeError("the raw container did not get ready")
+        self._runc("checkpoint", "--leave-running", "--image-path", str(self.images),
+                   "--work-path", f"{self.images}-w", self.cid)  # fmt: skip
 
     def _runc(self, *args: str) -> None:
         r, w = os.pipe()  # the container's stdout: drained, so that it never blocks
@@ -170,12 +179,10 @@ class RawContainer:
         os.close(fd)
 
     def restore(self) -> float:
-        """Checkpoint (untimed), sync, then time `runc restore -d` from the local directory."""
-        shutil.rmtree(self.images, ignore_errors=True)
-        self._runc(
-            "checkpoint", "--image-path", str(self.images), "--work-path", f"{self.images}-w", self.cid
-        )
+        """Time `runc restore -d` from the images taken at the start, after a sync, the container
+        deleted right before (FREED_LAST)."""
         os.sync()
+        self.delete(check=False)
         t0 = time.monotonic()
         self._runc("restore", "-d", "--image-path", str(self.images), "--work-path", f"{self.images}-r",
                    "--bundle", str(self.bundle), self.cid)  # fmt: skip
@@ -183,16 +190,16 @@ class RawContainer:
 
     def engine_restore(self, store: Store, job: str, settings: Settings) -> float:
         """Time mmshim's engine.restore (what the runtime's create runs) into this bundle, after a
-        sync, the running container deleted first (a retry gets a new one)."""
+        sync, the running container deleted right before (a retry gets a new one; FREED_LAST)."""
         runc = engine.Runc(RUNC, ["--root", str(self.root)], str(self.root))
-        subprocess.run([RUNC, "--root", str(self.root), "delete", "-f", self.cid], check=True)
         spec = json.loads((self.bundle / "config.json").read_text())
+        os.sync()
+        self.delete(check=False)
         r, w = os.pipe()  # runc restore passes its stdout on to the restored program
         threading.Thread(target=self._drain, args=(r,), daemon=True).start()
         saved = os.dup(1)
         os.dup2(w, 1)
         os.close(w)
-        os.sync()
         try:
             t0 = time.monotonic()
             info = engine.restore(runc, self.cid, str(self.bundle), None, spec, store, job, settings)
@@ -204,8 +211,13 @@ class RawContainer:
             raise RuntimeError("engine.restore did not restore as asked")
         return elapsed
 
+    def delete(self, check: bool = True) -> None:
+        """`runc delete -f`; check=False also when there is no container (deleted already)."""
+        argv = [RUNC, "--root", str(self.root), "delete", "-f", self.cid]
+        subprocess.run(argv, capture_output=True, check=check)
+
     def close(self) -> None:
-        subprocess.run([RUNC, "--root", str(self.root), "delete", "-f", self.cid], capture_output=True)
+        self.delete(check=False)
 
 
 FIELDS = {  # restore bench rows <- restore.succeeded fields, fetched first ("0") and streamed ("1")
@@ -235,6 +247,7 @@ def restore(d: Docker, state: Path, args: list[str], job: str, kind: str, spec: 
             for key, stream in (("engine_streamed", True), ("engine_fetched", False)):
                 settings = Settings(workdir=str(state / "work"), restore_stream=stream)
                 runs.setdefault(key, []).append(raw.engine_restore(store, raw_job, settings))
+            raw.delete()  # its memory is what the next restores get (FREED_LAST)
             restore_round(d, state, args, job, runs)
     finally:
         raw.close()
