@@ -79,12 +79,13 @@ import re
 import secrets
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import blake3
@@ -252,8 +253,7 @@ _SAMPLE = 16 * KiB
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW_FRAME_START = _ZSTD_MAGIC + b"\xe0"  # then: single segment, 8-byte content size, no checksum
 _RAW_BLOCK = 128 * KiB  # the largest block zstd allows
-_CHECKED_MAX = 64 * KiB  # stored size up to which a streamed chunk's verified bytes are kept
-_CHECKED_BUDGET = 16 * MiB  # and how much of them, per file streamed
+_SPILL_BUDGET = 512 * MiB  # recurring chunks of a streamed file kept decoded on disk (_Spill)
 # Threads verifying a streamed file: all cores but one, which the reader (CRIU) needs. Downloads
 # run ahead in the transfer threads whatever this is.
 _STREAM_CPU_THREADS = max(1, (os.cpu_count() or 2) - 1)
@@ -1095,36 +1095,9 @@ def _pread_full(fd: int, n: int, offset: int, name: str) -> bytes:
     return data
 
 
-class _Checked:
-    """Stored bytes of small chunks that verified, up to a budget (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, sha: str) -> bytes | None:
-        return self._data.get(sha)
-
-    def add(self, sha: str, data: bytes) -> None:
-        with self._lock:
-            if len(data) <= _CHECKED_MAX and self._size + len(data) <= _CHECKED_BUDGET:
-                self._size += len(data) * (sha not in self._data)
-                self._data[sha] = data
-
-
-def _verified(
-    fut: cf.Future[bytes], where: str, sha: str, raw_len: int, checked: _Checked | None = None
-) -> list[bytes | memoryview]:
-    """A downloaded chunk's raw data (in place when stored as raw blocks), checked against its name.
-
-    With ``checked``, a small stored chunk that verified is kept there: the same bytes decode to
-    the same data, so a recurrence needs neither the download nor the hash (_decoded)."""
-    data = _downloaded(fut, where, sha)
-    parts = _decoded_checked(data, where, sha, raw_len)
-    if checked is not None:
-        checked.add(sha, data)
-    return parts
+def _verified(fut: cf.Future[bytes], where: str, sha: str, raw_len: int) -> list[bytes | memoryview]:
+    """A downloaded chunk's raw data (in place when stored as raw blocks), checked against its name."""
+    return _decoded_checked(_downloaded(fut, where, sha), where, sha, raw_len)
 
 
 def _downloaded(fut: cf.Future[Any], where: str, sha: str) -> Any:
@@ -1164,9 +1137,10 @@ def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[bytes | me
 
 @dataclass(frozen=True)
 class _Span:
-    """Bytes of an open chunk file that verified: sent to CRIU's pipe from the page cache
-    (sendfile), not copied through a buffer. Chunk files are never rewritten in place (a save
-    renames a new file over, gc unlinks), so what was verified is what is sent."""
+    """Bytes of an open chunk file that verified, or of a spill file (_Spill): sent to CRIU's pipe
+    from the page cache (sendfile), not copied through a buffer. Chunk files are never rewritten
+    in place (a save renames a new file over, gc unlinks) and spill slots are written once, so
+    what was verified is what is sent."""
 
     fd: int
     offset: int
@@ -1213,10 +1187,14 @@ class DeferredFile:
     """A checkpoint file that a fetch left out, to be written in order while it downloads (into
     the pipe of a CRIU restoring from its page images as they arrive). Chunks are downloaded
     ``concurrency`` ahead of the writer and verified by all cores but one, so memory stays bounded
-    whatever the file's size and the reader keeps a core."""
+    whatever the file's size and the reader keeps a core. Recurring chunks are kept decoded in a
+    temp file in ``spill_dir`` (the fetch's destination) while it streams."""
 
-    def __init__(self, store: Store, job: str, cid: str, entry: _FileEntry) -> None:
+    def __init__(
+        self, store: Store, job: str, cid: str, entry: _FileEntry, spill_dir: str | os.PathLike[str]
+    ) -> None:
         self._store, self._job, self._cid, self._entry = store, job, cid, entry
+        self._spill_dir = spill_dir
         self.size = entry.size
 
     def write_to(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
@@ -1232,20 +1210,18 @@ class DeferredFile:
     def _chunks(self) -> Iterator[list[Piece]]:
         """The data, verified, chunk by chunk; a _Span's file is open until the next is asked for.
 
-        A chunk that recurs (zero or repeated pages) is fetched and verified once: the last
-        ``concurrency`` distinct chunks are kept decoded, and those that compressed well are kept
-        as stored, to be decoded again (repeated text, say). From a file store, a chunk stored as
-        raw blocks (one that did not compress) is sent from its file instead."""
+        From a file store, a chunk stored as raw blocks (one that did not compress) is sent from
+        its file. A chunk that recurs (zero or repeated pages) is fetched, verified and decoded
+        once, then sent from the spill file (_Spill)."""
         store, where = self._store, f"{self._job}/{self._cid}"
         chunks = iter(self._entry.chunks)
         ahead: collections.deque[cf.Future] = collections.deque()
-        recent: collections.OrderedDict[str, cf.Future] = collections.OrderedDict()
-        checked = _Checked()
         opened: set[int] = set()  # chunk files open for _Spans: closed once sent, the rest at the end
         try:
             with (
                 store._backend.transfers() as transfers,
                 cf.ThreadPoolExecutor(_STREAM_CPU_THREADS, thread_name_prefix="mmshim-stream") as cpu,
+                _Spill(self._spill_dir, self._entry.chunks) as spill,
             ):
 
                 def next_chunk() -> None:
@@ -1253,17 +1229,11 @@ class DeferredFile:
                         if isinstance(transfers, _FileTransfers) and stored > raw:
                             got = transfers.open(_chunk_key(sha), opened)
                             ahead.append(cpu.submit(_verified_span, got, opened, where, sha, raw))
-                            return
-                        if sha not in recent:
-                            if (data := checked.get(sha)) is not None:
-                                recent[sha] = cpu.submit(_decoded, data, where, sha, raw)
-                            else:
-                                got = transfers.get(_chunk_key(sha), stored)
-                                recent[sha] = cpu.submit(_verified, got, where, sha, raw, checked)
-                            if len(recent) > store.concurrency:
-                                recent.popitem(last=False)
-                        recent.move_to_end(sha)
-                        ahead.append(recent[sha])
+                        elif (spilled := spill.get(sha)) is not None:
+                            ahead.append(spilled)
+                        else:
+                            got = transfers.get(_chunk_key(sha), stored)
+                            ahead.append(spill.verify(cpu, got, where, sha, raw))
                         return
 
                 try:
@@ -1273,7 +1243,7 @@ class DeferredFile:
                         parts = ahead.popleft().result()
                         next_chunk()
                         yield parts
-                        for fd in {p.fd for p in parts if isinstance(p, _Span)}:
+                        for fd in {p.fd for p in parts if isinstance(p, _Span)} & opened:
                             opened.discard(fd)
                             os.close(fd)
                 except CheckpointUnusable as e:
@@ -1284,6 +1254,67 @@ class DeferredFile:
         finally:  # the transfers are done: no file opens any more
             for fd in opened:
                 os.close(fd)
+
+
+class _Spill:
+    """Chunks of a streamed file that recur in it, verified and decoded once, written into a temp
+    file beside the restore's images, and sent from there (sendfile) at every occurrence.
+
+    Text memory repeats a few dozen chunks in a cycle: decoding each occurrence cost 0.5 s of CPU
+    per 2 GiB here, on the core CRIU needs. A file, not memory: its page cache is written back
+    and reclaimed under pressure on a host that is filling with the restored job. Up to
+    _SPILL_BUDGET bytes; past it, or after a failed write (a full disk, logged), a recurring chunk
+    is fetched and verified again at each occurrence: slower, never wrong. Its slots are written
+    once, before the future that names them completes."""
+
+    def __init__(self, directory: str | os.PathLike[str], chunks: list[tuple[str, int, int]]) -> None:
+        counts = collections.Counter(sha for sha, _, _ in chunks)
+        self._recurring = {sha for sha, n in counts.items() if n > 1}
+        self._directory = directory
+        self._spilled: dict[str, cf.Future[list[Piece]]] = {}
+        self._room, self._end = _SPILL_BUDGET, 0
+        self._file: IO[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def get(self, sha: str) -> cf.Future[list[Piece]] | None:
+        """The spilled chunk's future: its slot, or its data if the spill failed."""
+        return self._spilled.get(sha)
+
+    def verify(
+        self, cpu: cf.Executor, got: cf.Future[bytes], where: str, sha: str, raw: int
+    ) -> cf.Future[list[Piece]]:
+        """A downloaded chunk verified (and decoded) on ``cpu``; a recurring one also spilled,
+        if there is room, and handed to its later occurrences (get)."""
+        with self._lock:  # registered before _spill can fail and unregister it
+            if sha not in self._recurring or self._room < raw:
+                return cpu.submit(_verified, got, where, sha, raw)
+            self._room -= raw
+            self._spilled[sha] = fut = cpu.submit(self._spill, got, where, sha, raw)
+            return fut
+
+    def _spill(self, got: cf.Future[bytes], where: str, sha: str, raw: int) -> list[Piece]:
+        parts = _verified(got, where, sha, raw)
+        try:
+            with self._lock:
+                if self._file is None:
+                    self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115 (__exit__)
+                offset, self._end = self._end, self._end + raw
+            _pwrite_all(self._file.fileno(), parts, offset)
+        except OSError as e:
+            with self._lock:
+                if self._room:
+                    log.warning("cannot spill chunks into %s (%s): fetching them again", self._directory, e)
+                self._room = 0
+                del self._spilled[sha]  # later occurrences fetch it again: memory stays bounded
+            return parts
+        return [_Span(self._file.fileno(), offset, raw)]
 
 
 class Store:
@@ -1714,7 +1745,9 @@ class Store:
         except CheckpointUnusable as e:
             self._mark_bad(job, cid, str(e))
             raise
-        deferred = {f.name: DeferredFile(self, job, cid, f) for f in files if defer and defer(f.name)}
+        deferred = {
+            f.name: DeferredFile(self, job, cid, f, dest_dir) for f in files if defer and defer(f.name)
+        }
         files = [f for f in files if f.name not in deferred]
         writer = _TreeWriter(dest_dir)
         try:

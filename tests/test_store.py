@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import itertools
@@ -555,6 +556,92 @@ def test_deferred_file_streams_what_fetch_would_write(repo: Repo, tmp_path: Path
     assert error is None and data == files[PAGES][0]
     assert totals[-1] == len(data) and totals == sorted(totals)
     assert open_fds() == fds  # a file store's chunk files, sent from, are all closed again
+
+
+def cycled_text(distinct: int, rounds: int) -> bytes:
+    """Compressible chunks recurring in a cycle longer than the streaming look-ahead (8 chunks),
+    as text memory's do."""
+    return b"".join([(b"line %d of text " % i * CHUNK)[:CHUNK] for i in range(distinct)] * rounds)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
+    """Calls of the store function ``name``, by chunk hash."""
+    calls: list[str] = []
+    real = getattr(store_mod, name)
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(args[2])  # (data or future, where, sha, raw_len)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store_mod, name, counted)
+    return calls
+
+
+def test_deferred_file_decodes_a_recurring_chunk_once(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each recurring chunk is fetched, verified and decoded once, then sent from the spill file,
+    which leaves nothing behind."""
+    pages = cycled_text(10, 3)
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", {PAGES: (pages, 0o644)}), {})
+    dest = tmp_path / "dest"
+    got = st.fetch(JOB, info.checkpoint_id, dest, defer=PAGES.__eq__)
+    decoded = counting(monkeypatch, "_decoded")
+    fds, left = open_fds(), sorted(dest.rglob("*"))
+    assert drain(got.deferred[PAGES]) == (pages, None)
+    assert len(decoded) == len(set(decoded)) == 10
+    assert open_fds() == fds and sorted(dest.rglob("*")) == left
+
+
+def test_deferred_file_reads_a_bounded_window_ahead(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays bounded: while the first chunk is being sent, at most ``concurrency`` more
+    have been asked for, whatever the file's size."""
+    pages = rand(CHUNK * 20, 3) + cycled_text(10, 2)
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", {PAGES: (pages, 0o644)}), {})
+    got = st.fetch(JOB, info.checkpoint_id, tmp_path / "dest", defer=PAGES.__eq__)
+    asked = counting_keys(monkeypatch)
+    with contextlib.closing(got.deferred[PAGES]._chunks()) as chunks:
+        for i, _ in enumerate(chunks):
+            assert len(asked) <= i + 1 + st.concurrency
+    assert len(asked) == 40 - 10  # the second round of text came from the spill
+
+
+def counting_keys(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    asked: list[str] = []
+    real = store_mod._chunk_key
+    monkeypatch.setattr(store_mod, "_chunk_key", lambda sha: asked.append(sha) or real(sha))
+    return asked
+
+
+@pytest.mark.parametrize("limit", ["full_disk", "budget"])
+def test_deferred_file_without_room_to_spill_fetches_again(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, limit: str
+) -> None:
+    """No room for the decoded chunks (a full disk, or past the budget): the data is still right,
+    recurring chunks are fetched and decoded again, a full disk is logged."""
+    pages = cycled_text(10, 3)
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "src", {PAGES: (pages, 0o644)}), {})
+    got = st.fetch(JOB, info.checkpoint_id, tmp_path / "dest", defer=PAGES.__eq__)
+    if limit == "full_disk":
+
+        def full(*args: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store_mod, "_pwrite_all", full)
+    else:
+        monkeypatch.setattr(store_mod, "_SPILL_BUDGET", 3 * CHUNK)
+    verified = counting(monkeypatch, "_verified")
+    fds = open_fds()
+    assert drain(got.deferred[PAGES]) == (pages, None)
+    assert open_fds() == fds
+    assert len(set(verified)) == 10
+    assert len(verified) == (30 if limit == "full_disk" else 3 + 7 * 3)
+    assert ("cannot spill" in caplog.text) == (limit == "full_disk")
 
 
 def test_deferred_file_decodes_a_chunk_that_is_not_raw_blocks_after_all(repo: Repo, tmp_path: Path) -> None:

@@ -1,6 +1,11 @@
-"""The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers."""
+"""The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers, a
+streamed restore of memory whose chunks recur."""
 
+import json
+import os
+import shutil
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,10 +24,15 @@ MEMHOG = Path(__file__).resolve().parent.parent / "workloads" / "memhog.c"
 
 
 @pytest.fixture(scope="module")
-def memhog_image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> str:
-    tmp = tmp_path_factory.mktemp("memhog")
-    subprocess.run(["gcc", "-O2", "-static", "-o", str(tmp / "memhog"), str(MEMHOG)], check=True)
-    build_image(docker, tmp, MEMHOG_IMAGE, {"/bin/memhog": tmp / "memhog"})
+def memhog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    binary = tmp_path_factory.mktemp("memhog") / "memhog"
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(MEMHOG)], check=True)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def memhog_image(docker: Docker, memhog: Path) -> str:
+    build_image(docker, memhog.parent, MEMHOG_IMAGE, {"/bin/memhog": memhog})
     return MEMHOG_IMAGE
 
 
@@ -151,3 +161,77 @@ def test_failed_checkpoint_leaves_job_running_and_previous_checkpoint(
         assert list(small_tmpfs.iterdir()) == []  # no staging left behind
     finally:
         docker.run("rm", "-f", cid, check=False)
+
+
+class Output:
+    """A pipe to be a container's stdout and stderr (CRIU carries pipes), read by a thread."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with open(self.r, errors="replace") as f:
+            self.lines.extend(f)
+
+    def counts(self) -> list[int]:
+        return [int(line.split()[1]) for line in list(self.lines) if line.startswith("count ")]
+
+
+def memhog_bundle(path: Path, memhog: Path, args: list[str]) -> Path:
+    (path / "rootfs" / "bin").mkdir(parents=True)
+    shutil.copy(memhog, path / "rootfs" / "bin" / "memhog")
+    subprocess.run(["runc", "spec"], cwd=path, check=True)
+    spec = json.loads((path / "config.json").read_text())
+    spec["process"].update(terminal=False, args=args)
+    spec["root"]["readonly"] = False
+    (path / "config.json").write_text(json.dumps(spec))
+    return path
+
+
+def test_streamed_restore_decodes_recurring_memory_once(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text memory repeats its chunks: a streamed restore on real runc/CRIU fetches, verifies
+    and decodes each once (_Spill), and the job continues where it was."""
+    args = ["/bin/memhog", "24", "text", "50"]
+    root, ids = tmp_path / "runc", [f"spill-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    runc = engine.Runc("/usr/sbin/runc", ["--root", str(root)], str(root))
+    store = open_store(f"file://{tmp_path / 'store'}", chunk_size=64 << 10)
+    settings = Settings(workdir=str(tmp_path / "work"))
+    out = Output()
+    try:
+        old = memhog_bundle(tmp_path / "old", memhog, args)
+        subprocess.run([runc.runc, *runc.global_argv, "run", "-d", "--bundle", str(old), ids[0]],
+                       stdin=subprocess.DEVNULL, stdout=out.w, stderr=out.w, check=True)  # fmt: skip
+        wait_for(lambda: len(out.counts()) >= 3, "memhog counting")
+        info = engine.checkpoint(runc, ids[0], store, "spill", {}, settings)
+        subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", ids[0]], check=True)
+        at = out.counts()[-1]
+        files = store._read_manifest("spill", info.checkpoint_id)[1]
+        (pages,) = [f for f in files if "pages-" in f.name]
+        shas = [sha for sha, raw, stored in pages.chunks if stored < raw]  # compressed: decoded
+        assert len(shas) > 2 * len(set(shas))  # text recurs
+        only_pages = set(shas) - {sha for f in files if f is not pages for sha, _, _ in f.chunks}
+
+        decoded: list[str] = []
+        real = store_mod._decoded
+        monkeypatch.setattr(store_mod, "_decoded", lambda *a: decoded.append(a[2]) or real(*a))
+        new = memhog_bundle(tmp_path / "new", memhog, args)
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(out.w, 1), os.dup2(out.w, 2)  # runc restore hands its stdio to the restored job
+        try:
+            spec = json.loads((new / "config.json").read_text())
+            restored = engine.restore(runc, ids[1], str(new), None, spec, store, "spill", settings)
+        finally:
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+        assert restored is not None and restored.deferred  # streamed
+        assert sorted(d for d in decoded if d in only_pages) == sorted(only_pages)  # once each
+        wait_for(lambda: out.counts()[-1] > at + 2, "the restored memhog counting")
+        assert min(c for c in out.counts() if c > at) in range(at + 1, at + 4)  # where it was
+    finally:
+        for cid in ids:
+            subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], capture_output=True)
+        os.close(out.w)
