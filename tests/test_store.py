@@ -410,12 +410,47 @@ def test_disk_full_is_a_store_error_and_leaves_no_temp_files(
         real_write(fd, data)
 
     monkeypatch.setattr(store_mod, "_write_all", write_all)
+    chunks = chunk_keys(st)
     with pytest.raises(StoreError, match="no space left on device"):
         st.save(JOB, write_tree(tmp_path / "src2", sample_files(2)), {})
     monkeypatch.setattr(store_mod, "_write_all", real_write)
     assert [p for p in all_paths(root) if ".tmp-" in p] == []
+    assert chunk_keys(st) == chunks  # the chunks it had written are not published either
     assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [first.checkpoint_id]
     assert st.fetch_latest(JOB, tmp_path / "dest").checkpoint_id == first.checkpoint_id
+
+
+def test_file_store_publishes_chunks_durable_and_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save's chunk appears under its name only once its data is fsynced (a power cut never
+    leaves a torn chunk that a later save would take for stored), and only once all the save's
+    chunks are written (one journal commit for all, not one each)."""
+    st = open_store(f"file://{tmp_path / 'repo'}", chunk_size=CHUNK, concurrency=2)
+    synced: set[int] = set()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    def replace(src: str, dst: str) -> None:
+        if "/chunks/" in str(dst):
+            assert os.stat(src).st_ino in synced, f"{dst} renamed before its data was synced"
+        real_replace(src, dst)
+
+    seen: list[set[str]] = []
+
+    def hook(point: str, key: str = "", **info: Any) -> None:
+        if point == "tmp_written" and key.startswith("chunks/"):
+            seen.append(chunk_keys(st))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(store_mod, "_fault_hook", hook)
+    info = st.save(JOB, write_tree(tmp_path / "src", sample_files(1)), {})
+    assert len(seen) > 2 and all(visible == set() for visible in seen)
+    assert chunk_keys(st) == manifest_chunks(st, JOB, info.checkpoint_id)
 
 
 # ---------------------------------------------------------------------------------------------
