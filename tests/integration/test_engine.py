@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +16,8 @@ from mmshim import store as store_mod
 from mmshim.config import Settings
 from mmshim.localdocker import IMAGE, Docker, build_image, wait_for
 from mmshim.store import open_store
+from tests.test_cli import Drain
+from tests.test_store import counting
 
 pytestmark = pytest.mark.integration
 MEMHOG_IMAGE = "mmshim-test/memhog:1"
@@ -163,20 +164,10 @@ def test_failed_checkpoint_leaves_job_running_and_previous_checkpoint(
         docker.run("rm", "-f", cid, check=False)
 
 
-class Output:
-    """A pipe to be a container's stdout and stderr (CRIU carries pipes), read by a thread."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe()
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        with open(self.r, errors="replace") as f:
-            self.lines.extend(f)
-
-    def counts(self) -> list[int]:
-        return [int(line.split()[1]) for line in list(self.lines) if line.startswith("count ")]
+def counts(out: Drain) -> list[int]:
+    """The counts memhog has printed into ``out`` so far (whole lines only)."""
+    lines = out.data.decode(errors="replace").split("\n")[:-1]
+    return [int(line.split()[1]) for line in lines if line.startswith("count ")]
 
 
 def memhog_bundle(path: Path, memhog: Path, args: list[str]) -> Path:
@@ -200,24 +191,22 @@ def test_streamed_restore_decodes_recurring_memory_once(
     runc = engine.Runc("/usr/sbin/runc", ["--root", str(root)], str(root))
     store = open_store(f"file://{tmp_path / 'store'}", chunk_size=64 << 10)
     settings = Settings(workdir=str(tmp_path / "work"))
-    out = Output()
+    out = Drain()
     try:
         old = memhog_bundle(tmp_path / "old", memhog, args)
         subprocess.run([runc.runc, *runc.global_argv, "run", "-d", "--bundle", str(old), ids[0]],
                        stdin=subprocess.DEVNULL, stdout=out.w, stderr=out.w, check=True)  # fmt: skip
-        wait_for(lambda: len(out.counts()) >= 3, "memhog counting")
+        wait_for(lambda: len(counts(out)) >= 3, "memhog counting")
         info = engine.checkpoint(runc, ids[0], store, "spill", {}, settings)
         subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", ids[0]], check=True)
-        at = out.counts()[-1]
+        at = counts(out)[-1]
         files = store._read_manifest("spill", info.checkpoint_id)[1]
         (pages,) = [f for f in files if "pages-" in f.name]
         shas = [sha for sha, raw, stored in pages.chunks if stored < raw]  # compressed: decoded
         assert len(shas) > 2 * len(set(shas))  # text recurs
         only_pages = set(shas) - {sha for f in files if f is not pages for sha, _, _ in f.chunks}
 
-        decoded: list[str] = []
-        real = store_mod._decoded
-        monkeypatch.setattr(store_mod, "_decoded", lambda *a: decoded.append(a[2]) or real(*a))
+        decoded = counting(monkeypatch, "_decoded")
         new = memhog_bundle(tmp_path / "new", memhog, args)
         saved = [os.dup(1), os.dup(2)]
         os.dup2(out.w, 1), os.dup2(out.w, 2)  # runc restore hands its stdio to the restored job
@@ -229,9 +218,9 @@ def test_streamed_restore_decodes_recurring_memory_once(
             os.close(saved[0]), os.close(saved[1])
         assert restored is not None and restored.deferred  # streamed
         assert sorted(d for d in decoded if d in only_pages) == sorted(only_pages)  # once each
-        wait_for(lambda: out.counts()[-1] > at + 2, "the restored memhog counting")
-        assert min(c for c in out.counts() if c > at) in range(at + 1, at + 4)  # where it was
+        wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
+        assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)  # where it was
     finally:
         for cid in ids:
             subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], capture_output=True)
-        os.close(out.w)
+        out.close_writer()
