@@ -3,8 +3,10 @@
 A checkpoint holds what a restore on a NEW host needs: CRIU's images, the overlay writable layer
 (CRIU does not carry it) and the contents of chosen bind mounts such as Docker's /dev/shm. The
 container is paused while the layer is captured and CRIU dumps, so the three are consistent; it
-resumes as soon as CRIU is done. The upload reads, hashes and compresses the images while CRIU
-writes them, but writes nothing to the store until the container runs again (store.Gate).
+resumes as soon as CRIU is done. Big files of the layer that the job left alone for a minute are
+only pinned while it is paused, and copied after (checked unchanged). The upload reads, hashes and
+compresses the images while CRIU writes them, but writes nothing to the store until the container
+runs again (store.Gate).
 """
 
 import contextlib
@@ -30,6 +32,10 @@ from mmshim.store import CheckpointInfo, CheckpointUnusable, Gate, Store
 log = logging.getLogger("mmshim.engine")
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 UPLOAD_NICE_WHILE_FROZEN = 19
+# Files of the writable layer whose ctime is older than this are copied after the resume (see
+# layer.start_capture): longer than the kernel takes to write back a page dirtied through a
+# shared mapping (30 s by default), after which the next write through it moves the ctime.
+LAYER_COLD_SECONDS = 60.0
 
 
 def set_priority(nice: int) -> None:
@@ -179,13 +185,24 @@ def checkpoint(
             result["error"] = exc
 
     uploader = threading.Thread(target=upload, name="upload")
+    captured: layer.Capture | None = None
     t0 = time.monotonic()
     try:
         runc.run("pause", container_id)
         try:
             upper = layer.upperdir_of(rootfs)
-            capture = layer.capture_diff if upper else layer.capture_tree
-            meta["layer"] = capture(upper or rootfs, str(stage / "rootfs.tar"), settings.layer_cap)
+            work.mkdir(exist_ok=True)
+            # The data of big files the job has not touched for a while (staged inputs) is copied
+            # once the container runs again, so the freeze does not grow with the layer; at a Spot
+            # notice everything is copied now, as nothing may then make the checkpoint fail.
+            captured = layer.start_capture(
+                upper or rootfs,
+                str(stage / "rootfs.tar"),
+                settings.layer_cap,
+                diff=bool(upper),
+                cold_after=None if urgent else LAYER_COLD_SECONDS,
+                tmp_dir=str(work),
+            )
             sources = bind_sources(spec, settings.mounts)
             meta["mounts"] = list(sources)
             (stage / "mounts").mkdir()
@@ -211,6 +228,8 @@ def checkpoint(
             timings["paused_s"] = time.monotonic() - t0
             set_priority(os.getpriority(os.PRIO_PROCESS, 0))  # the upload may have the CPU now
             resumed.open()
+        meta["layer"] = captured.complete()
+        timings["layer_done_s"] = time.monotonic() - t0
         meta.update(criu_stats(work))  # CRIU writes stats-dump to the work dir
         (stage / "logs").mkdir()
         if (work / "dump.log").exists():
@@ -219,6 +238,8 @@ def checkpoint(
         abort.set()
         raise
     finally:
+        if captured is not None:
+            captured.abort()  # what complete() did not publish
         resumed.open()  # also when resume failed: the save waits for it
         done.set()
         if uploader.is_alive():

@@ -3,7 +3,9 @@
 CRIU's image holds neither the overlay upperdir nor the contents of bind mounts such as Docker's
 /dev/shm, and on restore CRIU checks that every open file still has the size it had. So the engine
 captures those trees as tar files while the container is frozen and lays them onto the new
-container's rootfs (or mount sources) before `runc restore`.
+container's rootfs (or mount sources) before `runc restore`. A capture may leave the data of big
+files the job has not changed for a while to be copied once it runs again (start_capture): they
+are held open, and checked unchanged after the copy.
 
 Tar representation (GNU tar 1.34 and Python's tarfile read it back exactly, sparse files included):
 
@@ -45,6 +47,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 
 BLOCK = 512
@@ -56,6 +59,7 @@ _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _FLUSH_AT = 1 << 20  # buffered header/small-file bytes before one write()
 _SMALL_FILE = 256 << 10  # files up to this size are read into the buffer, larger ones sendfile()d
 _COPY_CHUNK = 1 << 30
+_MAX_PINNED = 256  # files whose copy waits for the resume, each an open fd; the rest are copied frozen
 _SPARSE_NAME = b"./GNUSparseFile.0/sparse"  # ustar name of sparse entries; the real one is in pax
 
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
@@ -76,6 +80,10 @@ class LayerError(Exception):
 
 class TooLarge(LayerError):
     """The captured content would exceed the caller's max_bytes; nothing was left at out_path."""
+
+
+class LayerChanged(LayerError):
+    """A file pinned to be copied after the resume changed first; nothing was left at out_path."""
 
 
 # ---------------------------------------------------------------------------------------- mounts
@@ -321,17 +329,60 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-class _TarWriter:
-    """Streams a tar into a temporary file beside out_path, renamed into place only when complete."""
+@dataclass
+class _Pinned:
+    """A big file whose data goes into the tar after the container runs again (start_capture)."""
 
-    def __init__(self, out_path: str, max_bytes: int | None) -> None:
+    fd: int  # a dup: the inode seen frozen, whatever is later renamed over its path
+    seen: tuple[int, int, int]  # size, mtime, ctime when frozen: the data is unchanged while equal
+    what: str
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _TarWriter:
+    """Streams a tar into a temporary file (beside out_path, or in tmp_dir on the same file
+    system), renamed into place only when complete.
+
+    With cold_after, the data of big files unchanged for that many seconds is left as a hole,
+    filled by fill() once the container runs again: the freeze then costs metadata and small
+    files, not the size of the layer.
+    """
+
+    def __init__(
+        self,
+        out_path: str,
+        max_bytes: int | None,
+        cold_after: float | None = None,
+        tmp_dir: str | None = None,
+    ) -> None:
         self.out_path = out_path
         self.max_bytes = max_bytes
         directory, base = os.path.split(os.path.abspath(out_path))
-        self.fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial", dir=directory)
+        self.fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial", dir=tmp_dir or directory)
         self.buf = bytearray()
         self.size = 0  # bytes written or buffered
-        self.stats = {"files": 0, "bytes": 0, "deletions": 0, "skipped": 0}
+        self.stats = {"files": 0, "bytes": 0, "deletions": 0, "skipped": 0, "copied_later": 0}
+        self.cold_before = None if cold_after is None else time.time_ns() - int(cold_after * 1e9)
+        self.pinned: list[_Pinned] = []
+        self.holes: list[tuple[int, _Pinned, int, int]] = []  # tar offset, file, offset, count
+
+    def pin(self, fd: int, what: str) -> _Pinned | None:
+        """The file, pinned for fill(), if its data may wait: big, and its ctime (which any write
+        moves, and which no one can set back) older than cold_after. A write through a shared
+        mapping moves it only at the first write after each writeback, which the age covers.
+        fill() refuses any change of the inode meanwhile, even one that keeps the data (a chmod,
+        a rename over it): the capture fails, the next one copies the file frozen (it is new)."""
+        if self.cold_before is None or len(self.pinned) >= _MAX_PINNED:
+            return None
+        st = os.fstat(fd)
+        if st.st_size <= _SMALL_FILE or st.st_ctime_ns > self.cold_before:
+            return None
+        pinned = _Pinned(os.dup(fd), _identity(st), what)
+        self.pinned.append(pinned)
+        return pinned
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Refuse, before writing it, an entry that would take the tar (and its trailer) past max."""
@@ -353,8 +404,15 @@ class _TarWriter:
             done += os.write(self.fd, self.buf[done:] if done else self.buf)
         self.buf.clear()
 
-    def send(self, src: int, offset: int, count: int, what: str) -> None:
-        """Copy count bytes of src from offset straight into the tar."""
+    def send(self, src: int, offset: int, count: int, what: str, pinned: _Pinned | None = None) -> None:
+        """Copy count bytes of src from offset straight into the tar (of a pinned file: later)."""
+        if pinned is not None and count > _SMALL_FILE:
+            self.flush()
+            self.holes.append((self.size, pinned, offset, count))
+            os.lseek(self.fd, count, os.SEEK_CUR)
+            self.size += count
+            self.stats["copied_later"] += count
+            return
         if count <= _SMALL_FILE:
             data = os.pread(src, count, offset)
             if len(data) != count:
@@ -370,14 +428,41 @@ class _TarWriter:
             done += n
         self.size += count
 
-    def finish(self) -> None:
+    def seal(self) -> None:
         self.put(b"\0" * (2 * BLOCK))
         self.flush()
+
+    def fill(self) -> None:
+        """Copy the pinned files into their holes, then check that none changed since frozen."""
+        for at, pinned, offset, count in self.holes:
+            _copy(
+                pinned.fd,
+                offset,
+                self.fd,
+                at,
+                count,
+                f"{pinned.what!r} shrank after the container was resumed",
+            )
+        for pinned in self.pinned:
+            if _identity(os.fstat(pinned.fd)) != pinned.seen:
+                raise LayerChanged(
+                    f"{pinned.what!r} changed after the container was resumed, before its copy was done; "
+                    "the capture no longer matches the frozen memory"
+                )
+        self.unpin()
+
+    def publish(self) -> None:
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.out_path)
 
+    def unpin(self) -> None:
+        for pinned in self.pinned:
+            os.close(pinned.fd)
+        self.pinned.clear()
+
     def abort(self) -> None:
+        self.unpin()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -508,11 +593,12 @@ class _Capture:
     def regular(self, fd: int, rel: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
         size = st.st_size
         what = os.fsdecode(rel)
+        pinned = self.w.pin(fd, what)
         extents = _data_extents(fd, size) if st.st_blocks * 512 < size else [(0, size)]
         if sum(n for _, n in extents) == size:
             self.entry(rel, b"0", st, xattrs, size=size)
             if size:
-                self.w.send(fd, 0, size, what)
+                self.w.send(fd, 0, size, what, pinned)
                 self.w.put(b"\0" * (-size % BLOCK))
             self.w.stats["bytes"] += size
             return
@@ -542,7 +628,7 @@ class _Capture:
         self.w.reserve(len(head) + stored + (-stored % BLOCK), what)
         self.w.put(head + sparse_map)
         for offset, length in extents:
-            self.w.send(fd, offset, length, what)
+            self.w.send(fd, offset, length, what, pinned)
         self.w.put(b"\0" * (-stored % BLOCK))
         self.w.stats["files"] += 1
         self.w.stats["bytes"] += data
@@ -563,9 +649,47 @@ def _open_nofollow_read(dfd: int, name: str) -> int:
         return os.open(name, flags, dir_fd=dfd)
 
 
-def _capture(path: str, out_path: str, max_bytes: int | None, diff: bool) -> dict:
+class Capture:
+    """A capture taken while the container was frozen, its pinned files not yet copied."""
+
+    def __init__(self, writer: _TarWriter, path: str) -> None:
+        self._w = writer
+        self._path = path
+
+    def complete(self) -> dict:
+        """Copy the pinned files and put the tar at out_path; LayerChanged (and no tar) if one
+        of them changed meanwhile. Returns the stats capture_diff describes."""
+        try:
+            self._w.fill()
+            self._w.publish()
+        except BaseException as e:
+            self._w.abort()
+            if isinstance(e, OSError):
+                raise LayerError(f"cannot capture {self._path} into {self._w.out_path}: {e}") from e
+            raise
+        self._w.stats["tar_bytes"] = self._w.size
+        return self._w.stats
+
+    def abort(self) -> None:
+        """Forget it: no tar, no temporary file, no pinned file left open (also after complete)."""
+        self._w.abort()
+
+
+def start_capture(
+    path: str,
+    out_path: str,
+    max_bytes: int | None,
+    *,
+    diff: bool,
+    cold_after: float | None,
+    tmp_dir: str | None = None,
+) -> Capture:
+    """Capture like capture_diff (diff) or capture_tree, except the data of files over 256 KiB
+    whose ctime is older than cold_after seconds: those are pinned open, and copied by
+    Capture.complete, which checks they did not change since. tmp_dir (on out_path's file system)
+    keeps the unfinished tar away from out_path's directory."""
     try:
-        writer = _TarWriter(out_path, max_bytes)
+        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir)
     except OSError as e:
         raise LayerError(f"cannot create {out_path}: {e}") from e
     try:
@@ -575,7 +699,7 @@ def _capture(path: str, out_path: str, max_bytes: int | None, diff: bool) -> dic
             _Capture(writer, diff, st.st_dev).walk_dir(rootfd, b"", st)
         finally:
             os.close(rootfd)
-        writer.finish()
+        writer.seal()
     except BaseException as e:
         writer.abort()
         if isinstance(e, OSError):
@@ -583,8 +707,7 @@ def _capture(path: str, out_path: str, max_bytes: int | None, diff: bool) -> dic
         if isinstance(e, RecursionError):
             raise LayerError(f"cannot capture {path}: directory tree too deep") from e
         raise
-    writer.stats["tar_bytes"] = writer.size
-    return writer.stats
+    return Capture(writer, path)
 
 
 def capture_diff(upperdir: str, out_path: str, max_bytes: int | None = None) -> dict:
@@ -596,7 +719,7 @@ def capture_diff(upperdir: str, out_path: str, max_bytes: int | None = None) -> 
     excluded), deletion markers, sockets skipped, and the tar's size. max_bytes caps the tar's size;
     beyond it TooLarge is raised and out_path is not created.
     """
-    return _capture(upperdir, out_path, max_bytes, diff=True)
+    return start_capture(upperdir, out_path, max_bytes, diff=True, cold_after=None).complete()
 
 
 def capture_tree(path: str, out_path: str, max_bytes: int | None = None) -> dict:
@@ -605,7 +728,7 @@ def capture_tree(path: str, out_path: str, max_bytes: int | None = None) -> dict
     Same fidelity and TooLarge rule as capture_diff, but no overlay interpretation: a 0:0 character
     device is stored as a device. Mount points below `path` are recorded but not descended into.
     """
-    return _capture(path, out_path, max_bytes, diff=False)
+    return start_capture(path, out_path, max_bytes, diff=False, cold_after=None).complete()
 
 
 # ----------------------------------------------------------------------------------------- apply
@@ -746,7 +869,9 @@ def _remove(dfd: int, name: str) -> bool:
     return True
 
 
-def _copy(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
+def _copy(
+    src: int, src_off: int, dst: int, dst_off: int, count: int, short: str = "the archive is truncated"
+) -> None:
     """Copy count bytes from src@src_off to dst@dst_off, in the kernel where it can."""
     os.lseek(dst, dst_off, os.SEEK_SET)
     while count > 0:
@@ -758,7 +883,7 @@ def _copy(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
             data = os.pread(src, min(count, _FLUSH_AT), src_off)
             n = len(data) and os.write(dst, data)
         if n == 0:
-            raise LayerError("the archive is truncated")
+            raise LayerError(short)
         src_off += n
         count -= n
 

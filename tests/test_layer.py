@@ -266,6 +266,117 @@ def test_huge_sparse_file(tmp_path: Path) -> None:
         assert f.read(4096) == bytes(4096)
 
 
+def _big_files(m: Path) -> None:
+    """Files whose data may be copied after the resume: plain, hard-linked, and sparse with a
+    data extent over the 256 KiB a capture always copies frozen."""
+    _write(m / "big/one.bin", os.urandom(MiB + 3))
+    _write(m / "big/two.bin", os.urandom(MiB))
+    os.link(m / "big/two.bin", m / "big/two-link")
+    with open(m / "big/sparse.bin", "wb") as f:
+        f.seek(4 * MiB)
+        f.write(os.urandom(MiB))
+        f.truncate(8 * MiB)
+
+
+def _start(upper: Path, out: Path, cold_after: float | None) -> layer.Capture:
+    (out.parent / "pending").mkdir(exist_ok=True)
+    return layer.start_capture(
+        str(upper), str(out), None, diff=True, cold_after=cold_after, tmp_dir=str(out.parent / "pending")
+    )
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("max_pinned", [256, 1])
+def test_pinned_files_are_copied_after_the_resume_into_the_same_tar(
+    tmp_path: Path, mounts: list[Path], monkeypatch: pytest.MonkeyPatch, max_pinned: int
+) -> None:
+    _populate_lower(tmp_path / "lower")
+    lower, upper, merged = _overlay(tmp_path, mounts)
+    _change_merged(merged)
+    _big_files(merged)
+    frozen = tmp_path / "frozen.tar"
+    layer.capture_diff(str(upper), str(frozen))
+    monkeypatch.setattr(layer, "_MAX_PINNED", max_pinned)
+    fds = _open_fds()
+    out = tmp_path / "out" / "later.tar"
+    out.parent.mkdir()
+
+    capture = _start(upper, out, cold_after=0)
+
+    assert not out.exists() and os.listdir(out.parent) == ["pending"]  # nothing half-made beside it
+    if max_pinned == 1:
+        assert len(_open_fds() - fds) == 1 + 1  # the tar, one pinned file; the rest copied frozen
+    stats = capture.complete()
+    pinned = (MiB + 3) if max_pinned == 1 else (MiB + 3) + MiB + MiB  # one, two, sparse's extent
+    assert stats["copied_later"] == pinned
+    assert out.read_bytes() == frozen.read_bytes()
+    assert _open_fds() == fds and os.listdir(out.parent / "pending") == []
+    rootfs = tmp_path / "rootfs"
+    _fresh_copy(lower, rootfs)
+    layer.apply_diff(str(out), str(rootfs))
+    assert _snapshot(rootfs) == _snapshot(merged)
+
+
+def test_recently_changed_files_are_copied_frozen(tmp_path: Path, mounts: list[Path]) -> None:
+    (tmp_path / "lower").mkdir()
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _big_files(merged)
+    capture = _start(upper, tmp_path / "t.tar", cold_after=3600)
+    assert capture.complete()["copied_later"] == 0
+
+
+def _append(p: Path) -> None:
+    with open(p, "ab") as f:
+        f.write(b"more")
+
+
+def _overwrite(p: Path) -> None:
+    with open(p, "r+b") as f:
+        f.write(b"same size, other bytes")
+
+
+def _replace(p: Path) -> None:
+    _write(p.with_suffix(".new"), b"written after the resume")
+    os.rename(p.with_suffix(".new"), p)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_append, _overwrite, lambda p: os.truncate(p, 10), lambda p: p.chmod(0o600), _replace, Path.unlink],
+    ids=["append", "overwrite", "truncate", "chmod", "replace", "unlink"],
+)
+def test_a_pinned_file_changed_before_its_copy_leaves_no_tar(
+    tmp_path: Path, mounts: list[Path], change: Callable[[Path], None]
+) -> None:
+    (tmp_path / "lower").mkdir()
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _big_files(merged)
+    fds = _open_fds()
+    out = tmp_path / "t.tar"
+    capture = _start(upper, out, cold_after=0)
+    change(merged / "big/one.bin")  # the job, running again
+
+    with pytest.raises(LayerError, match=r"big/one\.bin"):
+        capture.complete()
+
+    assert not out.exists() and os.listdir(tmp_path / "pending") == []
+    assert _open_fds() == fds
+
+
+def test_an_aborted_capture_leaves_nothing_open(tmp_path: Path, mounts: list[Path]) -> None:
+    (tmp_path / "lower").mkdir()
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _big_files(merged)
+    fds = _open_fds()
+    capture = _start(upper, tmp_path / "t.tar", cold_after=0)
+    capture.abort()
+    assert _open_fds() == fds and not (tmp_path / "t.tar").exists()
+    assert os.listdir(tmp_path / "pending") == []
+
+
 def test_octal_fields_overflow_to_base256() -> None:
     assert tarfile.nti(layer._octal(0o755, 8)) == 0o755
     assert tarfile.nti(layer._octal(9 << 30, 12)) == 9 << 30  # a size GNU tar and tarfile both read

@@ -1,5 +1,5 @@
 """The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers, a
-streamed restore of memory whose chunks recur."""
+streamed restore of memory whose chunks recur, big layer files copied after the resume."""
 
 import json
 import os
@@ -181,6 +181,33 @@ def memhog_bundle(path: Path, memhog: Path, args: list[str]) -> Path:
     return path
 
 
+def run_bundle(runc: engine.Runc, bundle: Path, cid: str, out: Drain) -> None:
+    """Start memhog's bundle under plain runc, its output into ``out``, and wait for its counting."""
+    subprocess.run([runc.runc, *runc.global_argv, "run", "-d", "--bundle", str(bundle), cid],
+                   stdin=subprocess.DEVNULL, stdout=out.w, stderr=out.w, check=True)  # fmt: skip
+    wait_for(lambda: len(counts(out)) >= 3, "memhog counting")
+
+
+def restore_into(
+    runc: engine.Runc,
+    cid: str,
+    bundle: Path,
+    store: store_mod.Store,
+    job: str,
+    settings: Settings,
+    out: Drain,
+) -> store_mod.CheckpointInfo | None:
+    """engine.restore into a new bundle; the restored job's stdio goes into ``out``."""
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(out.w, 1), os.dup2(out.w, 2)  # runc restore hands its stdio to the restored job
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+        return engine.restore(runc, cid, str(bundle), None, spec, store, job, settings)
+    finally:
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        os.close(saved[0]), os.close(saved[1])
+
+
 def test_streamed_restore_decodes_recurring_memory_once(
     services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,10 +220,7 @@ def test_streamed_restore_decodes_recurring_memory_once(
     settings = Settings(workdir=str(tmp_path / "work"))
     out = Drain()
     try:
-        old = memhog_bundle(tmp_path / "old", memhog, args)
-        subprocess.run([runc.runc, *runc.global_argv, "run", "-d", "--bundle", str(old), ids[0]],
-                       stdin=subprocess.DEVNULL, stdout=out.w, stderr=out.w, check=True)  # fmt: skip
-        wait_for(lambda: len(counts(out)) >= 3, "memhog counting")
+        run_bundle(runc, memhog_bundle(tmp_path / "old", memhog, args), ids[0], out)
         info = engine.checkpoint(runc, ids[0], store, "spill", {}, settings)
         subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", ids[0]], check=True)
         at = counts(out)[-1]
@@ -208,16 +232,56 @@ def test_streamed_restore_decodes_recurring_memory_once(
 
         decoded = counting(monkeypatch, "_decoded")
         new = memhog_bundle(tmp_path / "new", memhog, args)
-        saved = [os.dup(1), os.dup(2)]
-        os.dup2(out.w, 1), os.dup2(out.w, 2)  # runc restore hands its stdio to the restored job
-        try:
-            spec = json.loads((new / "config.json").read_text())
-            restored = engine.restore(runc, ids[1], str(new), None, spec, store, "spill", settings)
-        finally:
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
+        restored = restore_into(runc, ids[1], new, store, "spill", settings, out)
         assert restored is not None and restored.deferred  # streamed
         assert sorted(d for d in decoded if d in only_pages) == sorted(only_pages)  # once each
+        wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
+        assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)  # where it was
+    finally:
+        for cid in ids:
+            subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], capture_output=True)
+        out.close_writer()
+
+
+def test_big_unchanged_files_are_copied_after_the_resume(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interval checkpoint pins big files the job left alone and copies them once it runs
+    again: the restore gets them as they were; one changed meanwhile fails that checkpoint only."""
+    monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every big file counts as left alone
+    args = ["/bin/memhog", "8", "random", "50"]
+    root, ids = tmp_path / "runc", [f"late-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    runc = engine.Runc("/usr/sbin/runc", ["--root", str(root)], str(root))
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"))
+    out = Drain()
+    old = memhog_bundle(tmp_path / "old", memhog, args)
+    staged = old / "rootfs" / "data" / "inputs.bin"
+    staged.parent.mkdir()
+    staged.write_bytes(os.urandom(3 << 20))
+    try:
+        run_bundle(runc, old, ids[0], out)
+        complete = layer.Capture.complete
+
+        def job_writes_first(self: layer.Capture) -> dict:
+            with open(staged, "ab") as f:  # the job, running again, before the copy
+                f.write(b"appended after the resume")
+            return complete(self)
+
+        monkeypatch.setattr(layer.Capture, "complete", job_writes_first)
+        with pytest.raises(layer.LayerChanged, match=r"inputs\.bin"):
+            engine.checkpoint(runc, ids[0], store, "late", {}, settings)
+        assert store.checkpoints("late") == [] and runc.state(ids[0])["status"] == "running"
+        monkeypatch.setattr(layer.Capture, "complete", complete)
+
+        info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
+        assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
+        want = staged.read_bytes()
+        subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", ids[0]], check=True)
+        at = counts(out)[-1]
+        new = memhog_bundle(tmp_path / "new", memhog, args)
+        assert restore_into(runc, ids[1], new, store, "late", settings, out) is not None
+        assert (new / "rootfs" / "data" / "inputs.bin").read_bytes() == want
         wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
         assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)  # where it was
     finally:
