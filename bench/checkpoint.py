@@ -16,6 +16,10 @@ in a container of a private dockerd. Measured, for each kind of memory:
   spec in a runc bundle (no dockerd), after a sync, alternating with them (the `runc restore`
   inside the fetched-first restore is shown too: it runs right after the fetch wrote the images);
   every restore starts right after the container before it is deleted (FREED_LAST).
+- a small container (64 MiB) with BENCH_LAYER_MIB MiB (default 1024) of staged input in its
+  writable layer, untouched for longer than engine.LAYER_COLD_SECONDS: the freeze of an interval
+  checkpoint (the input copied after the resume) and of one at a Spot notice (copied frozen),
+  against CRIU's frozen time of a raw `runc checkpoint` (which does not carry the layer at all).
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
 each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
 of ratios. Needs root and the host set-up (install/setup-host.sh).
@@ -41,6 +45,7 @@ from tests.services import start_s3, stop_pidfile
 
 MIB = int(os.environ.get("BENCH_MIB", "2048"))
 REPS = int(os.environ.get("BENCH_REPS", "3"))
+LAYER_MIB = int(os.environ.get("BENCH_LAYER_MIB", "1024"))
 IMAGE = "mmshim-bench/memhog:1"
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 # FREED_LAST: every timed restore runs right after the container it replaces is deleted, never a
@@ -56,6 +61,10 @@ def criu_frozen(work: Path) -> float:
 
     with open(work / "stats-dump", "rb") as f:
         return pycriu.images.load(f)["entries"][0]["dump"]["frozen_time"] / 1e6
+
+
+def raw_checkpoint(runc: engine.Runc, cid: str, images: Path, work: Path) -> None:
+    runc.run("checkpoint", "--leave-running", "--image-path", str(images), "--work-path", str(work), cid)
 
 
 def settle() -> None:
@@ -108,15 +117,7 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
             raw_dir, raw_work = state / f"raw-{kind}", state / f"raw-{kind}-work"
             settle()
             t0 = time.monotonic()
-            runc.run(
-                "checkpoint",
-                "--leave-running",
-                "--image-path",
-                str(raw_dir),
-                "--work-path",
-                str(raw_work),
-                cid,
-            )
+            raw_checkpoint(runc, cid, raw_dir, raw_work)
             add("raw_checkpoint", time.monotonic() - t0)
             os.sync()  # what mmshim's store does for its copy: on disk before it is committed
             add("raw_durable", time.monotonic() - t0)
@@ -270,6 +271,58 @@ def restore_round(d: Docker, state: Path, args: list[str], job: str, runs: dict[
             runs.setdefault(key, []).append(done[-1][field])
 
 
+def staged_layer(d: Docker, state: Path) -> dict[str, float]:
+    """Freeze with a big, long-untouched file in the writable layer (see the module docstring)."""
+    cid = d.out(
+        "run", "-d", "--runtime=runc", "--network", "none", IMAGE, "/bin/memhog", "64", "random"
+    ).strip()
+    try:
+        d.wait_logs(cid, "ready")
+        root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+        runc = engine.Runc(RUNC, ["--root", root], root)
+        bundle = runc.state(cid)["bundle"]
+        with open(Path(bundle) / "config.json") as f:
+            rootfs = engine.rootfs_of(json.load(f), bundle)
+        with open(os.path.join(rootfs, "staged-input.bin"), "wb") as f:  # as the job would, into its layer
+            for _ in range(LAYER_MIB):
+                f.write(os.urandom(1 << 20))
+        time.sleep(engine.LAYER_COLD_SECONDS + 1)  # left alone since, as staged inputs are
+        store, settings = open_store(f"file://{state / 'store'}"), Settings(workdir=str(state / "work"))
+        runs: dict[str, list[float]] = {}
+        for rep in range(REPS):
+            raw_dir, raw_work = state / "raw-layer", state / "raw-layer-work"
+            settle()
+            raw_checkpoint(runc, cid, raw_dir, raw_work)
+            runs.setdefault("raw_frozen", []).append(criu_frozen(raw_work))
+            shutil.rmtree(raw_dir)
+            shutil.rmtree(raw_work)
+            for name in ("file", "urgent")[:: 1 if rep % 2 else -1]:
+                settle()
+                info = engine.checkpoint(
+                    runc, cid, store, "bench-layer", {}, settings, urgent=name == "urgent"
+                )
+                runs.setdefault(f"{name}_paused", []).append(info.meta["timings"]["paused_s"])
+                if (info.meta["layer"]["copied_later"] >= LAYER_MIB << 20) != (name == "file"):
+                    raise RuntimeError(f"the input was not copied as asked: {info.meta['layer']}")
+        return {k: statistics.median(v) for k, v in runs.items()}
+    finally:
+        d.run("rm", "-f", cid, check=False)
+
+
+LAYER_LINES = [
+    (
+        "container frozen, interval (input copied after the resume) vs CRIU frozen time of raw",
+        "raw_frozen",
+        "file_paused",
+    ),
+    (
+        "container frozen at a Spot notice (input copied frozen) vs CRIU frozen time of raw",
+        "raw_frozen",
+        "urgent_paused",
+    ),
+]
+
+
 def table(results: dict[str, dict[str, float]]) -> str:
     rows = ["| memory | what | baseline | mmshim | ratio |", "|---|---|---|---|---|"]
     lines = [
@@ -294,7 +347,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
         ("bytes stored: second after 5% touched vs first", "file_stored", "second_stored"),
     ]
     for kind, r in results.items():
-        for what, base_key, ours_key in lines:
+        for what, base_key, ours_key in LAYER_LINES if kind.endswith("layer") else lines:
             base, ours = r[base_key], r[ours_key]
             unit = (lambda v: f"{v / 2**20:.1f} MiB") if "bytes" in what else (lambda v: f"{v:.2f} s")
             rows.append(f"| {kind} | {what} | {unit(base)} | {unit(ours)} | {ours / base:.3f} |")
@@ -307,6 +360,7 @@ def main() -> None:
         try:
             boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="bench")
             results = {kind: one_kind(d, state, kind, s3) for kind in ("random", "text")}
+            results[f"64 MiB + {LAYER_MIB} MiB layer"] = staged_layer(d, state)
         finally:
             stop_pidfile(state / "moto.pid", timeout=10)
     print(f"Checkpoint/restore of a {MIB} MiB-RSS container (2-core VM; compare ratios within this run)\n")
