@@ -1,12 +1,14 @@
 """The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers, a
 streamed restore of memory whose chunks recur, big layer files copied after the resume."""
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -181,11 +183,32 @@ def memhog_bundle(path: Path, memhog: Path, args: list[str]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def runc_pair(tmp_path: Path, prefix: str) -> Iterator[tuple[engine.Runc, list[str], Drain]]:
+    """A private runc root, ids for an original container and its restored successor, and the
+    output of both; whatever is left of them is deleted at the end."""
+    root, ids = tmp_path / "runc", [f"{prefix}-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    runc = engine.Runc("/usr/sbin/runc", ["--root", str(root)], str(root))
+    out = Drain()
+    try:
+        yield runc, ids, out
+    finally:
+        for cid in ids:
+            subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], capture_output=True)
+        out.close_writer()
+
+
 def run_bundle(runc: engine.Runc, bundle: Path, cid: str, out: Drain) -> None:
     """Start memhog's bundle under plain runc, its output into ``out``, and wait for its counting."""
     subprocess.run([runc.runc, *runc.global_argv, "run", "-d", "--bundle", str(bundle), cid],
                    stdin=subprocess.DEVNULL, stdout=out.w, stderr=out.w, check=True)  # fmt: skip
     wait_for(lambda: len(counts(out)) >= 3, "memhog counting")
+
+
+def destroy(runc: engine.Runc, cid: str, out: Drain) -> int:
+    """Delete the original container; the last count it printed."""
+    subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], check=True)
+    return counts(out)[-1]
 
 
 def restore_into(
@@ -208,22 +231,24 @@ def restore_into(
         os.close(saved[0]), os.close(saved[1])
 
 
+def continues_from(out: Drain, at: int) -> None:
+    """The restored memhog counts on from where its checkpoint was taken."""
+    wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
+    assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)
+
+
 def test_streamed_restore_decodes_recurring_memory_once(
     services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Text memory repeats its chunks: a streamed restore on real runc/CRIU fetches, verifies
     and decodes each once (_Spill), and the job continues where it was."""
     args = ["/bin/memhog", "24", "text", "50"]
-    root, ids = tmp_path / "runc", [f"spill-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    runc = engine.Runc("/usr/sbin/runc", ["--root", str(root)], str(root))
     store = open_store(f"file://{tmp_path / 'store'}", chunk_size=64 << 10)
     settings = Settings(workdir=str(tmp_path / "work"))
-    out = Drain()
-    try:
+    with runc_pair(tmp_path, "spill") as (runc, ids, out):
         run_bundle(runc, memhog_bundle(tmp_path / "old", memhog, args), ids[0], out)
         info = engine.checkpoint(runc, ids[0], store, "spill", {}, settings)
-        subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", ids[0]], check=True)
-        at = counts(out)[-1]
+        at = destroy(runc, ids[0], out)
         files = store._read_manifest("spill", info.checkpoint_id)[1]
         (pages,) = [f for f in files if "pages-" in f.name]
         shas = [sha for sha, raw, stored in pages.chunks if stored < raw]  # compressed: decoded
@@ -235,12 +260,7 @@ def test_streamed_restore_decodes_recurring_memory_once(
         restored = restore_into(runc, ids[1], new, store, "spill", settings, out)
         assert restored is not None and restored.deferred  # streamed
         assert sorted(d for d in decoded if d in only_pages) == sorted(only_pages)  # once each
-        wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
-        assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)  # where it was
-    finally:
-        for cid in ids:
-            subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], capture_output=True)
-        out.close_writer()
+        continues_from(out, at)
 
 
 def test_big_unchanged_files_are_copied_after_the_resume(
@@ -250,16 +270,13 @@ def test_big_unchanged_files_are_copied_after_the_resume(
     again: the restore gets them as they were; one changed meanwhile fails that checkpoint only."""
     monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every big file counts as left alone
     args = ["/bin/memhog", "8", "random", "50"]
-    root, ids = tmp_path / "runc", [f"late-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    runc = engine.Runc("/usr/sbin/runc", ["--root", str(root)], str(root))
     store = open_store(f"file://{tmp_path / 'store'}")
     settings = Settings(workdir=str(tmp_path / "work"))
-    out = Drain()
     old = memhog_bundle(tmp_path / "old", memhog, args)
     staged = old / "rootfs" / "data" / "inputs.bin"
     staged.parent.mkdir()
     staged.write_bytes(os.urandom(3 << 20))
-    try:
+    with runc_pair(tmp_path, "late") as (runc, ids, out):
         run_bundle(runc, old, ids[0], out)
         complete = layer.Capture.complete
 
@@ -277,14 +294,8 @@ def test_big_unchanged_files_are_copied_after_the_resume(
         info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
         assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
         want = staged.read_bytes()
-        subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", ids[0]], check=True)
-        at = counts(out)[-1]
+        at = destroy(runc, ids[0], out)
         new = memhog_bundle(tmp_path / "new", memhog, args)
         assert restore_into(runc, ids[1], new, store, "late", settings, out) is not None
         assert (new / "rootfs" / "data" / "inputs.bin").read_bytes() == want
-        wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
-        assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)  # where it was
-    finally:
-        for cid in ids:
-            subprocess.run([runc.runc, *runc.global_argv, "delete", "-f", cid], capture_output=True)
-        out.close_writer()
+        continues_from(out, at)
