@@ -366,6 +366,25 @@ def test_a_pinned_file_changed_before_its_copy_leaves_no_tar(
     assert _open_fds() == fds
 
 
+def test_a_full_disk_while_copying_pinned_files_leaves_no_tar(tmp_path: Path, mounts: list[Path]) -> None:
+    """The holes cost nothing while frozen; the copy after the resume is where the disk fills."""
+    (tmp_path / "lower").mkdir()
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _big_files(merged)
+    small = tmp_path / "small"
+    small.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small))
+    mounts.append(small)
+    fds = _open_fds()
+    capture = _start(upper, small / "t.tar", cold_after=0)
+
+    with pytest.raises(LayerError, match="No space left"):
+        capture.complete()
+
+    assert _open_fds() == fds and os.listdir(small) == ["pending"]
+    assert os.listdir(small / "pending") == []
+
+
 def test_an_aborted_capture_leaves_nothing_open(tmp_path: Path, mounts: list[Path]) -> None:
     (tmp_path / "lower").mkdir()
     _, upper, merged = _overlay(tmp_path, mounts)
