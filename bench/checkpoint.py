@@ -91,7 +91,7 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
     cid = d.out("run", "-d", "--runtime=runc", "--network", "none", IMAGE, *args).strip()
     try:
         d.wait_logs(cid, "ready")
-        root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+        root = d.runc_root
         runc = engine.Runc(RUNC, ["--root", root], root)
         settings = Settings(workdir=str(state / "work"))
         file_store = open_store(f"file://{state / 'store'}")
@@ -278,7 +278,7 @@ def staged_layer(d: Docker, state: Path) -> dict[str, float]:
     ).strip()
     try:
         d.wait_logs(cid, "ready")
-        root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+        root = d.runc_root
         runc = engine.Runc(RUNC, ["--root", root], root)
         bundle = runc.state(cid)["bundle"]
         with open(Path(bundle) / "config.json") as f:

@@ -31,8 +31,7 @@ def main() -> None:
             )
         ]
         cid = d.out("run", "-d", "--network", "none", "--runtime=mmshim", IMAGE, "sleep", "600").strip()
-        # dockerd 20.10 gives every runtime the runc state root under its exec-root.
-        root = str(Path(d.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+        root = d.runc_root
         rows.append(
             ratio_row(
                 "`state ID` (one runtime call)",

@@ -129,6 +129,12 @@ class Docker:
     def out(self, *args: str) -> str:
         return self.run(*args).stdout
 
+    @property
+    def runc_root(self) -> str:
+        """runc's state root for this dockerd's containers (20.10 gives every runtime runc's,
+        under the exec-root that start_dockerd puts beside the socket)."""
+        return str(Path(self.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+
     def wait_logs(self, cid: str, text: str, timeout: float = 300) -> None:
         wait_for(lambda: text in self.out("logs", cid), f"{cid[:12]} to print {text!r}", timeout)
 

@@ -40,7 +40,7 @@ def memhog_image(docker: Docker, memhog: Path) -> str:
 
 
 def runc_of(docker: Docker) -> engine.Runc:
-    root = str(Path(docker.host.removeprefix("unix://")).parent / "exec" / "runtime-runc" / "moby")
+    root = docker.runc_root
     return engine.Runc("/usr/sbin/runc", ["--root", root], root)
 
 
