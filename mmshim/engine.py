@@ -202,12 +202,15 @@ def checkpoint(
                 diff=bool(upper),
                 cold_after=None if urgent else LAYER_COLD_SECONDS,
                 tmp_dir=str(work),
+                align=store.chunk_size,
             )
             sources = bind_sources(spec, settings.mounts)
             meta["mounts"] = list(sources)
             (stage / "mounts").mkdir()
             for i, source in enumerate(sources.values()):
-                layer.capture_tree(source, str(stage / "mounts" / f"{i}.tar"), settings.mount_cap)
+                layer.capture_tree(
+                    source, str(stage / "mounts" / f"{i}.tar"), settings.mount_cap, store.chunk_size
+                )
             timings["layer_s"] = time.monotonic() - t0
             if urgent:
                 resumed.open()

@@ -22,6 +22,9 @@ Tar representation (GNU tar 1.34 and Python's tarfile read it back exactly, spar
   of data costs about 6 KiB of tar. An entry storing 8 GiB or more gets a base-256 size field (GNU
   extension) rather than a pax `size` record, which Python's tarfile mishandles for sparse entries.
   (tarfile itself cannot write sparse entries at all, hence our own writer.)
+* With align (the store's chunk size), the data of each regular, not sparse, file of at least that
+  size starts at a multiple of it in the tar: its pax header gets a `comment` record (which readers
+  ignore) as filler, written as a hole. Such a file then makes the same chunks in every checkpoint.
 * Hard links: the first path seen is stored, later ones are `1` (link) entries naming it.
 * Sockets are skipped (counted in stats["skipped"]): they cannot be archived, CRIU re-binds them.
 * Mount points below the captured directory are recorded as directories, not descended into.
@@ -357,9 +360,12 @@ class _TarWriter:
         max_bytes: int | None,
         cold_after: float | None = None,
         tmp_dir: str | None = None,
+        align: int | None = None,
     ) -> None:
         self.out_path = out_path
         self.max_bytes = max_bytes
+        self.align = align
+        self.padding = 0  # bytes of alignment headers: not the layer's, so not held against max_bytes
         directory, base = os.path.split(os.path.abspath(out_path))
         self.fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial", dir=tmp_dir or directory)
         self.buf = bytearray()
@@ -386,11 +392,36 @@ class _TarWriter:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Refuse, before writing it, an entry that would take the tar (and its trailer) past max."""
-        if self.max_bytes is not None and self.size + nbytes + 2 * BLOCK > self.max_bytes:
+        if self.max_bytes is not None and self.size - self.padding + nbytes + 2 * BLOCK > self.max_bytes:
             raise TooLarge(
                 f"capture to {self.out_path} exceeds the limit of {self.max_bytes} bytes "
                 f"(at {what!r}, {self.size} bytes so far)"
             )
+
+    def put_header(self, head: bytes, size: int) -> None:
+        """Put an entry's header (from _header); for a file of ``size`` bytes, ``align`` or more,
+        with a pax comment sized so that its data starts at a multiple of ``align``. The store cuts
+        files at multiples of its chunk size, so the file then makes the same chunks whatever
+        precedes it in the tar: a staged input no longer makes new chunks (a new upload of all of
+        it) at every checkpoint because a log before it grew. The comment's value is a hole: no
+        write, nothing in memory. The entry's own pax records, if any, go into the same pax header
+        (Python's tarfile keeps only the last of two).
+        """
+        if self.align is None or size < self.align:
+            self.put(head)
+            return
+        records = head[BLOCK : BLOCK + int(head[124:135], 8)] if len(head) > BLOCK else b""
+        least = -(len(records) + 32) % BLOCK + len(records) + 32  # room for a comment record
+        data = least + -(self.size + 2 * BLOCK + least) % self.align  # the pax data, whole blocks
+        record = data - len(records)
+        prefix = b"%d comment=" % record
+        self.put(_ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, data, 0, b"", 0) + records + prefix)
+        self.flush()
+        hole = record - len(prefix) - 1
+        os.lseek(self.fd, hole, os.SEEK_CUR)
+        self.size += hole
+        self.put(b"\n" + head[-BLOCK:])
+        self.padding += 2 * BLOCK + data - len(head)
 
     def put(self, data: bytes) -> None:
         self.buf += data
@@ -493,7 +524,7 @@ class _Capture:
             name, typeflag, st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, linkname, st.st_rdev, kept
         )
         self.w.reserve(len(head) + size + (-size % BLOCK), os.fsdecode(name))
-        self.w.put(head)
+        self.w.put_header(head, size)
         self.w.stats["files"] += 1
 
     def deletion(self, name: bytes, st: os.stat_result) -> None:
@@ -683,13 +714,15 @@ def start_capture(
     diff: bool,
     cold_after: float | None,
     tmp_dir: str | None = None,
+    align: int | None = None,
 ) -> Capture:
     """Capture like capture_diff (diff) or capture_tree, except the data of files over 256 KiB
     whose ctime is older than cold_after seconds: those are pinned open, and copied by
     Capture.complete, which checks they did not change since. tmp_dir (on out_path's file system)
-    keeps the unfinished tar away from out_path's directory."""
+    keeps the unfinished tar away from out_path's directory. With align (the store's chunk size),
+    the data of every file of at least that size starts at a multiple of it in the tar."""
     try:
-        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir)
+        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir, align)
     except OSError as e:
         raise LayerError(f"cannot create {out_path}: {e}") from e
     try:
@@ -722,13 +755,14 @@ def capture_diff(upperdir: str, out_path: str, max_bytes: int | None = None) -> 
     return start_capture(upperdir, out_path, max_bytes, diff=True, cold_after=None).complete()
 
 
-def capture_tree(path: str, out_path: str, max_bytes: int | None = None) -> dict:
+def capture_tree(path: str, out_path: str, max_bytes: int | None = None, align: int | None = None) -> dict:
     """Tar a whole directory (a /dev/shm tmpfs, a writable bind mount, a plain rootfs) into out_path.
 
     Same fidelity and TooLarge rule as capture_diff, but no overlay interpretation: a 0:0 character
     device is stored as a device. Mount points below `path` are recorded but not descended into.
+    align: as start_capture's.
     """
-    return start_capture(path, out_path, max_bytes, diff=False, cold_after=None).complete()
+    return start_capture(path, out_path, max_bytes, diff=False, cold_after=None, align=align).complete()
 
 
 # ----------------------------------------------------------------------------------------- apply

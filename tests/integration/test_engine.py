@@ -1,5 +1,6 @@
 """The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers, a
-streamed restore of memory whose chunks recur, big layer files copied after the resume."""
+streamed restore of memory whose chunks recur, big layer files copied after the resume and stored
+once however the files before them change."""
 
 import contextlib
 import json
@@ -298,4 +299,41 @@ def test_big_unchanged_files_are_copied_after_the_resume(
         new = memhog_bundle(tmp_path / "new", memhog, args)
         assert restore_into(runc, ids[1], new, store, "late", settings, out) is not None
         assert (new / "rootfs" / "data" / "inputs.bin").read_bytes() == want
+        continues_from(out, at)
+
+
+def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path
+) -> None:
+    """A Nextflow task's work dir: `.command.log` (sorted before the inputs in the tar) grows
+    between checkpoints. The staged input behind it starts at a chunk boundary of the tar both
+    times, so the second checkpoint stores the chunk with the log, not the input again; the
+    restore has both as they were."""
+    args = ["/bin/memhog", "8", "random", "50"]
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"))
+    old = memhog_bundle(tmp_path / "old", memhog, args)
+    work = old / "rootfs" / "nxf-work"
+    work.mkdir()
+    (work / ".command.log").write_bytes(b"started\n")
+    (work / "reads.fastq").write_bytes(os.urandom(2 * store.chunk_size + 12345))
+    with runc_pair(tmp_path, "nxf") as (runc, ids, out):
+        run_bundle(runc, old, ids[0], out)
+        first = engine.checkpoint(runc, ids[0], store, "nxf", {}, settings)
+        with open(work / ".command.log", "ab") as f:
+            f.write(b"progress\n" * 100)  # past a 512-byte tar block
+        second = engine.checkpoint(runc, ids[0], store, "nxf", {}, settings)
+
+        def tar_chunks(info: store_mod.CheckpointInfo) -> dict[str, int]:
+            files = store._read_manifest("nxf", info.checkpoint_id)[1]
+            (tar,) = [f for f in files if f.name == "rootfs.tar"]
+            return {sha: raw for sha, raw, _ in tar.chunks}
+
+        before, after = tar_chunks(first), tar_chunks(second)
+        assert sum(raw for sha, raw in after.items() if sha not in before) <= store.chunk_size  # the log's
+        want = {p.name: p.read_bytes() for p in work.iterdir()}
+        at = destroy(runc, ids[0], out)
+        new = memhog_bundle(tmp_path / "new", memhog, args)
+        assert restore_into(runc, ids[1], new, store, "nxf", settings, out) is not None
+        assert {p.name: p.read_bytes() for p in (new / "rootfs" / "nxf-work").iterdir()} == want
         continues_from(out, at)
