@@ -4,7 +4,9 @@ A checkpoint holds what a restore on a NEW host needs: CRIU's images, the overla
 (CRIU does not carry it) and the contents of chosen bind mounts such as Docker's /dev/shm. The
 container is paused while the layer is captured and CRIU dumps, so the three are consistent; it
 resumes as soon as CRIU is done. Big files of the layer that the job left alone for a minute are
-only pinned while it is paused, and copied after (checked unchanged). The upload reads, hashes and
+only pinned while it is paused, and copied after (checked unchanged); those unchanged since the
+job's last checkpoint on this boot are not read at all (its chunks are reused, unchanged_files).
+The upload reads, hashes and
 compresses the images while CRIU writes them, but writes nothing to the store until the container
 runs again (store.Gate).
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from mmshim import layer, streamer
 from mmshim.config import Settings
-from mmshim.store import CheckpointInfo, CheckpointUnusable, Gate, Store
+from mmshim.store import CheckpointInfo, CheckpointUnusable, Chunk, Gate, Store, StoreError
 
 log = logging.getLogger("mmshim.engine")
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
@@ -36,6 +38,34 @@ UPLOAD_NICE_WHILE_FROZEN = 19
 # layer.start_capture): longer than the kernel takes to write back a page dirtied through a
 # shared mapping (30 s by default), after which the next write through it moves the ctime.
 LAYER_COLD_SECONDS = 60.0
+LAYER_TAR = "rootfs.tar"
+
+
+def boot_id() -> str:
+    """This boot of this host: inode numbers (layer.identity_key) mean nothing beyond it."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def unchanged_files(store: Store, job_id: str, boot: str) -> dict[str, list[Chunk]]:
+    """Cold layer files of the job's last good checkpoint, if taken on this boot with this chunk
+    size: identity_key -> the chunks that hold their whole chunks. A file that still has that
+    key has that data, so the next capture leaves it out and the save names these chunks."""
+    try:
+        prev = store.latest_good(job_id)
+        captured = (prev.meta.get("layer") or {}) if prev is not None else {}
+        if prev is None or prev.meta.get("boot_id") != boot or captured.get("align") != store.chunk_size:
+            return {}
+        chunks = store.chunks_of(job_id, prev.checkpoint_id, LAYER_TAR)
+        out = {}
+        for key, (index, count) in (captured.get("aligned") or {}).items():
+            part = chunks[index : index + count]
+            if len(part) == count and all(raw == store.chunk_size for _, raw, _ in part):
+                out[key] = part
+        return out
+    except (StoreError, CheckpointUnusable, TypeError, ValueError) as e:  # only costs a full copy
+        log.warning("cannot reuse the layer files of %s's last checkpoint: %s", job_id, e)
+        return {}
 
 
 def set_priority(nice: int) -> None:
@@ -167,11 +197,14 @@ def checkpoint(
         "args": (spec.get("process") or {}).get("args"),
         "versions": versions(runc.runc, criu_of(runc)),
         "urgent": urgent,
+        "boot_id": boot_id(),
     }
+    unchanged = unchanged_files(store, job_id, meta["boot_id"])
     timings: dict[str, float] = {}
     meta["timings"] = timings  # filled in while the upload runs; the manifest is written last
     done, abort, resumed = threading.Event(), threading.Event(), Gate()
     result: dict = {}
+    reuse: dict[str, dict[int, Chunk]] = {}
 
     def upload() -> None:
         # While CRIU dumps, the container is frozen: the upload (hashing, compression) must not
@@ -179,7 +212,7 @@ def checkpoint(
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICE_WHILE_FROZEN)
         try:
             result["info"] = store.save(
-                job_id, stage, meta, done=done, progress=progress, abort=abort, gate=resumed
+                job_id, stage, meta, done=done, progress=progress, abort=abort, gate=resumed, reuse=reuse
             )
         except Exception as exc:
             result["error"] = exc
@@ -194,16 +227,24 @@ def checkpoint(
             work.mkdir(exist_ok=True)
             # The data of big files the job has not touched for a while (staged inputs) is copied
             # once the container runs again, so the freeze does not grow with the layer; at a Spot
-            # notice everything is copied now, as nothing may then make the checkpoint fail.
+            # notice everything is copied now, as nothing may then make the checkpoint fail. Those
+            # unchanged since the last checkpoint are not copied at all.
             captured = layer.start_capture(
                 upper or rootfs,
-                str(stage / "rootfs.tar"),
+                str(stage / LAYER_TAR),
                 settings.layer_cap,
                 diff=bool(upper),
-                cold_after=None if urgent else LAYER_COLD_SECONDS,
+                cold_after=LAYER_COLD_SECONDS,
                 tmp_dir=str(work),
                 align=store.chunk_size,
+                pin=not urgent,
+                unchanged=unchanged.keys(),
             )
+            reuse[LAYER_TAR] = {
+                index + i: chunk
+                for key, index in captured.reused.items()
+                for i, chunk in enumerate(unchanged[key])
+            }
             sources = bind_sources(spec, settings.mounts)
             meta["mounts"] = list(sources)
             (stage / "mounts").mkdir()
@@ -334,7 +375,7 @@ def restore(
             if missing:
                 raise EngineError(f"the new container lacks the bind mounts {sorted(missing)}")
             applied = True
-            layer.apply_diff(str(dest / "rootfs.tar"), rootfs)
+            layer.apply_diff(str(dest / LAYER_TAR), rootfs)
             for i, mount in enumerate(info.meta.get("mounts") or ()):
                 layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
             criu_options = ["tcp-close"] if settings.tcp == "close" else []
@@ -415,5 +456,5 @@ def fetch(
 def undo(runc: Runc, container_id: str, rootfs: str, dest: Path) -> None:
     """Leave no half-restored container and give the rootfs back its image state."""
     subprocess.run([runc.runc, *runc.global_argv, "delete", "--force", container_id], capture_output=True)
-    if (dest / "rootfs.tar").exists():
-        layer.revert_diff(str(dest / "rootfs.tar"), rootfs, layer.lowerdirs_of(rootfs))
+    if (dest / LAYER_TAR).exists():
+        layer.revert_diff(str(dest / LAYER_TAR), rootfs, layer.lowerdirs_of(rootfs))

@@ -51,6 +51,7 @@ import stat
 import tarfile
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 BLOCK = 512
@@ -345,13 +346,23 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def identity_key(st: os.stat_result) -> str:
+    """A cold file's data, named by its inode and times: while the key stays the same on this
+    boot, so does the data (any write moves the ctime, see _TarWriter.cold)."""
+    return ":".join(map(str, (st.st_dev, st.st_ino, *_identity(st))))
+
+
 class _TarWriter:
     """Streams a tar into a temporary file (beside out_path, or in tmp_dir on the same file
     system), renamed into place only when complete.
 
-    With cold_after, the data of big files unchanged for that many seconds is left as a hole,
-    filled by fill() once the container runs again: the freeze then costs metadata and small
-    files, not the size of the layer.
+    With cold_after, the data of big files unchanged for that many seconds (cold) is left as a
+    hole if ``pin``, filled by fill() once the container runs again: the freeze then costs
+    metadata and small files, not the size of the layer. With align too, every cold file of at
+    least ``align`` bytes is noted in stats["aligned"] (identity_key: [index of its first chunk,
+    number of whole chunks]),
+    and the whole chunks of one whose key is in ``unchanged`` (the previous checkpoint holds
+    them) are left as a hole that nothing fills: ``reused`` tells the caller where they are.
     """
 
     def __init__(
@@ -361,6 +372,8 @@ class _TarWriter:
         cold_after: float | None = None,
         tmp_dir: str | None = None,
         align: int | None = None,
+        pin: bool = True,
+        unchanged: Collection[str] = (),
     ) -> None:
         self.out_path = out_path
         self.max_bytes = max_bytes
@@ -370,21 +383,27 @@ class _TarWriter:
         self.fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial", dir=tmp_dir or directory)
         self.buf = bytearray()
         self.size = 0  # bytes written or buffered
-        self.stats = {"files": 0, "bytes": 0, "deletions": 0, "skipped": 0, "copied_later": 0}
+        self.stats: dict = {"files": 0, "bytes": 0, "deletions": 0, "skipped": 0, "copied_later": 0}
+        self.stats.update(reused=0, aligned={}, align=align)
         self.cold_before = None if cold_after is None else time.time_ns() - int(cold_after * 1e9)
+        self.pin_cold = pin
+        self.unchanged = unchanged
+        self.reused: dict[str, int] = {}  # identity_key -> index of the first chunk left as a hole
         self.pinned: list[_Pinned] = []
         self.holes: list[tuple[int, _Pinned, int, int]] = []  # tar offset, file, offset, count
 
-    def pin(self, fd: int, what: str) -> _Pinned | None:
-        """The file, pinned for fill(), if its data may wait: big, and its ctime (which any write
-        moves, and which no one can set back) older than cold_after. A write through a shared
-        mapping moves it only at the first write after each writeback, which the age covers.
-        fill() refuses any change of the inode meanwhile, even one that keeps the data (a chmod,
-        a rename over it): the capture fails, the next one copies the file frozen (it is new)."""
-        if self.cold_before is None or len(self.pinned) >= _MAX_PINNED:
-            return None
-        st = os.fstat(fd)
-        if st.st_size <= _SMALL_FILE or st.st_ctime_ns > self.cold_before:
+    def cold(self, st: os.stat_result) -> bool:
+        """Its ctime (which any write moves, and which no one can set back) older than cold_after.
+        A write through a shared mapping moves it only at the first write after each writeback,
+        which the age covers."""
+        return self.cold_before is not None and st.st_ctime_ns <= self.cold_before
+
+    def pin(self, fd: int, st: os.stat_result, what: str, count: int) -> _Pinned | None:
+        """The file (fd, st its fstat), pinned for fill(), if its ``count`` bytes still to copy may
+        wait: over 256 KiB, and the file cold. fill() refuses any change of the inode meanwhile,
+        even one that keeps the data (a chmod, a rename over it): the capture fails, the next one
+        copies the file frozen (it is new)."""
+        if not self.pin_cold or len(self.pinned) >= _MAX_PINNED or count <= _SMALL_FILE or not self.cold(st):
             return None
         pinned = _Pinned(os.dup(fd), _identity(st), what)
         self.pinned.append(pinned)
@@ -422,6 +441,24 @@ class _TarWriter:
         self.size += hole
         self.put(b"\n" + head[-BLOCK:])
         self.padding += 2 * BLOCK + data - len(head)
+
+    def skip_unchanged(self, st: os.stat_result) -> int:
+        """Bytes of a file's data, from its start (the tar's end, just after its header), left as
+        a hole because the previous checkpoint holds them: the whole chunks of a cold file whose
+        identity_key the caller named unchanged. Notes every cold aligned file for the next."""
+        if self.align is None or st.st_size < self.align or not self.cold(st):
+            return 0
+        key, index = identity_key(st), self.size // self.align
+        self.stats["aligned"][key] = [index, st.st_size // self.align]
+        if key not in self.unchanged:
+            return 0
+        whole = st.st_size // self.align * self.align
+        self.flush()
+        os.lseek(self.fd, whole, os.SEEK_CUR)
+        self.size += whole
+        self.reused[key] = index
+        self.stats["reused"] += whole
+        return whole
 
     def put(self, data: bytes) -> None:
         self.buf += data
@@ -622,14 +659,15 @@ class _Capture:
         return True
 
     def regular(self, fd: int, rel: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+        st = os.fstat(fd)  # the identity of what is read, whatever the name now points to
         size = st.st_size
         what = os.fsdecode(rel)
-        pinned = self.w.pin(fd, what)
         extents = _data_extents(fd, size) if st.st_blocks * 512 < size else [(0, size)]
         if sum(n for _, n in extents) == size:
             self.entry(rel, b"0", st, xattrs, size=size)
             if size:
-                self.w.send(fd, 0, size, what, pinned)
+                known = self.w.skip_unchanged(st)
+                self.w.send(fd, known, size - known, what, self.w.pin(fd, st, what, size - known))
                 self.w.put(b"\0" * (-size % BLOCK))
             self.w.stats["bytes"] += size
             return
@@ -658,6 +696,7 @@ class _Capture:
         )
         self.w.reserve(len(head) + stored + (-stored % BLOCK), what)
         self.w.put(head + sparse_map)
+        pinned = self.w.pin(fd, st, what, data)
         for offset, length in extents:
             self.w.send(fd, offset, length, what, pinned)
         self.w.put(b"\0" * (-stored % BLOCK))
@@ -686,6 +725,7 @@ class Capture:
     def __init__(self, writer: _TarWriter, path: str) -> None:
         self._w = writer
         self._path = path
+        self.reused = writer.reused  # identity_key -> tar chunk index: holes the previous chunks fill
 
     def complete(self) -> dict:
         """Copy the pinned files and put the tar at out_path; LayerChanged (and no tar) if one
@@ -715,14 +755,17 @@ def start_capture(
     cold_after: float | None,
     tmp_dir: str | None = None,
     align: int | None = None,
+    pin: bool = True,
+    unchanged: Collection[str] = (),
 ) -> Capture:
     """Capture like capture_diff (diff) or capture_tree, except the data of files over 256 KiB
-    whose ctime is older than cold_after seconds: those are pinned open, and copied by
-    Capture.complete, which checks they did not change since. tmp_dir (on out_path's file system)
-    keeps the unfinished tar away from out_path's directory. With align (the store's chunk size),
-    the data of every file of at least that size starts at a multiple of it in the tar."""
+    whose ctime is older than cold_after seconds (if ``pin``): those are pinned open, and copied
+    by Capture.complete, which checks they did not change since. tmp_dir (on out_path's file
+    system) keeps the unfinished tar away from out_path's directory. With align (the store's chunk
+    size), the data of every file of at least that size starts at a multiple of it in the tar;
+    whole chunks of cold files named ``unchanged`` are not copied (Capture.reused, _TarWriter)."""
     try:
-        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir, align)
+        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir, align, pin, unchanged)
     except OSError as e:
         raise LayerError(f"cannot create {out_path}: {e}") from e
     try:

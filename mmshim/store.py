@@ -348,12 +348,15 @@ def _decode_manifest(data: bytes, where: str) -> dict[str, Any]:
     return doc
 
 
+Chunk = tuple[str, int, int]  # sha, raw length, stored length
+
+
 @dataclass
 class _FileEntry:
     name: str
     size: int
     mode: int
-    chunks: list[tuple[str, int, int]]  # sha, raw length, stored length
+    chunks: list[Chunk]
 
 
 def _manifest_files(doc: dict[str, Any], where: str) -> list[_FileEntry]:
@@ -1051,6 +1054,16 @@ class _Save:
         self.stored = 0
         self.written = 0
 
+    def reuse(self, chunk: Chunk, n: int, where: str) -> list[Any]:
+        """The manifest entry of a chunk the caller knows (save's reuse)."""
+        sha, raw, stored = chunk
+        if raw != n or self.known.get(sha) != stored:
+            raise StoreError(f"chunk {sha} offered for {where} is not one of this job's ({raw} bytes)")
+        with self.lock:
+            self.sizes[sha] = stored
+        self.progress.add(raw)
+        return [sha, raw]
+
     def claim(self, sha: str) -> bool:
         """True if this caller must make sure the chunk exists; False if it is taken care of."""
         with self.lock:
@@ -1494,6 +1507,15 @@ class Store:
     def jobs(self) -> list[str]:
         return [j for j in self._backend.list_dirs("jobs/") if _JOB_RE.fullmatch(j) and ".." not in j]
 
+    def chunks_of(self, job_id: str, checkpoint_id: str, name: str) -> list[Chunk]:
+        """The chunks of one file of a checkpoint, in order; [] if it has no such file."""
+        job = validate_job_id(job_id)
+        try:
+            _, files = self._read_manifest(job, checkpoint_id)
+        except _NotFound:
+            raise StoreError(f"checkpoint {job}/{checkpoint_id} does not exist") from None
+        return next((f.chunks for f in files if f.name == name), [])
+
     def latest_good(self, job_id: str) -> CheckpointInfo | None:
         """Newest checkpoint not marked bad whose manifest verifies: one listing and one GET."""
         job = validate_job_id(job_id)
@@ -1548,6 +1570,7 @@ class Store:
         progress: Callable[[int], None] | None = None,
         abort: threading.Event | None = None,
         gate: Gate | None = None,
+        reuse: dict[str, dict[int, Chunk]] | None = None,
     ) -> CheckpointInfo:
         """Store the regular files under src_dir as a new checkpoint; the manifest goes last.
 
@@ -1558,6 +1581,10 @@ class Store:
         once the caller opens it, which it must do (the save waits for it).
         ``progress`` gets the running total of raw bytes processed. Symlinks, special files and
         empty directories are not stored. Nothing else is changed (no retention).
+        ``reuse`` names, per file, chunks (by index) that the caller knows to hold that part of
+        the file, taken from this job's last checkpoint (chunks_of): they are not read (the file
+        may have a hole there). One that none of the job's newest good checkpoints names fails
+        the save, as nothing would then keep gc from deleting it.
         """
         job = validate_job_id(job_id)
         if not isinstance(meta, dict):
@@ -1574,7 +1601,7 @@ class Store:
         self._backend.put(_inflight_key(job, cid), _json_bytes(marker))
         _fault("inflight_written")
         try:
-            ctx, files = self._save_tree(src, known, done, _Progress(progress), gate)
+            ctx, files = self._save_tree(src, known, done, _Progress(progress), gate, reuse or {})
             doc = {
                 "format": FORMAT,
                 "job_id": job,
@@ -1649,6 +1676,7 @@ class Store:
         done: threading.Event | None,
         progress: _Progress,
         gate: Gate | None,
+        reuse: dict[str, dict[int, Chunk]],
     ) -> tuple[_Save, list[_SrcFile]]:
         """Read the tree in chunk-size pieces, re-scanning until done; workers do the rest."""
         state: dict[str, _SrcFile] = {}
@@ -1663,7 +1691,7 @@ class Store:
             try:
                 while ctx.pipe.error is None:
                     final = done is None or done.is_set()  # read before the pass: it sees final sizes
-                    self._save_pass(src, state, final, ctx, cpu)
+                    self._save_pass(src, state, final, ctx, cpu, reuse)
                     if final:
                         break
                     done.wait(POLL_SECONDS)  # type: ignore[union-attr]
@@ -1674,7 +1702,13 @@ class Store:
         return ctx, [state[n] for n in sorted(state)]
 
     def _save_pass(
-        self, src: Path, state: dict[str, _SrcFile], final: bool, ctx: _Save, cpu: cf.Executor
+        self,
+        src: Path,
+        state: dict[str, _SrcFile],
+        final: bool,
+        ctx: _Save,
+        cpu: cf.Executor,
+        reuse: dict[str, dict[int, Chunk]],
     ) -> None:
         seen = set()
         for name, path in self._walk(src):
@@ -1699,6 +1733,10 @@ class Store:
                 )
                 while f.offset < end:
                     n = min(self.chunk_size, end - f.offset)
+                    if (chunk := reuse.get(name, {}).get(f.offset // self.chunk_size)) is not None:
+                        f.chunks.append(ctx.reuse(chunk, n, f"{name} at {f.offset}"))
+                        f.offset += n
+                        continue
                     if not ctx.pipe.start(n):
                         return
                     try:

@@ -11,6 +11,7 @@ import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -280,17 +281,11 @@ def _big_files(m: Path) -> None:
 
 
 def _start(
-    upper: Path, out: Path, cold_after: float | None, align: int | None = None, cap: int | None = None
+    upper: Path, out: Path, cold_after: float | None, cap: int | None = None, **kw: Any
 ) -> layer.Capture:
-    (out.parent / "pending").mkdir(exist_ok=True)
+    (out.parent / "pending").mkdir(parents=True, exist_ok=True)
     return layer.start_capture(
-        str(upper),
-        str(out),
-        cap,
-        diff=True,
-        cold_after=cold_after,
-        tmp_dir=str(out.parent / "pending"),
-        align=align,
+        str(upper), str(out), cap, diff=True, cold_after=cold_after, tmp_dir=str(out.parent / "pending"), **kw
     )
 
 
@@ -368,6 +363,39 @@ def test_big_files_start_at_multiples_of_align_and_read_back_the_same(
     for m in big:
         assert (gnu / m.name).read_bytes() == (merged / m.name).read_bytes(), m.name
     assert os.getxattr(gnu / ("b" * 120 + ".bin"), "user.big") == b"kept"
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_cold_files_unchanged_since_the_last_capture_are_left_as_holes(
+    tmp_path: Path, mounts: list[Path], pin: bool
+) -> None:
+    """The next capture leaves out the whole chunks of a cold file whose identity the caller
+    names unchanged (a tail shorter than a chunk is still copied) and says where they were."""
+    (tmp_path / "lower").mkdir()
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _write(merged / "reads.fastq", os.urandom(3 * ALIGN + 100))
+    _write(merged / "ref.fa", os.urandom(2 * ALIGN))
+    first = _start(upper, tmp_path / "a" / "t.tar", cold_after=0, align=ALIGN).complete()
+    (reads, ref) = sorted(first["aligned"].items(), key=lambda kv: kv[1])  # tar order: reads first
+    assert [reads[1][1], ref[1][1]] == [3, 2]
+
+    capture = _start(
+        upper, tmp_path / "b" / "t.tar", cold_after=0, align=ALIGN, pin=pin, unchanged=[reads[0]]
+    )
+    second = capture.complete()
+
+    assert capture.reused == {reads[0]: reads[1][0]} and second["reused"] == 3 * ALIGN
+    assert second["aligned"] == first["aligned"]
+    with tarfile.open(tmp_path / "b" / "t.tar") as tf:
+        got = tf.extractfile("reads.fastq").read()
+        assert tf.extractfile("ref.fa").read() == (merged / "ref.fa").read_bytes()
+    want = (merged / "reads.fastq").read_bytes()
+    assert got == bytes(3 * ALIGN) + want[3 * ALIGN :]  # the previous chunks fill the hole
+    os.utime(merged / "reads.fastq")  # a new ctime: no longer the file the key names
+    third = _start(
+        upper, tmp_path / "c" / "t.tar", cold_after=0, align=ALIGN, unchanged=[reads[0]]
+    ).complete()
+    assert third["reused"] == 0
 
 
 def test_recently_changed_files_are_copied_frozen(tmp_path: Path, mounts: list[Path]) -> None:

@@ -188,6 +188,35 @@ def test_dedup_writes_only_changed_chunks(repo: Repo, tmp_path: Path) -> None:
     assert read_tree(tmp_path / "d2") == read_tree(src)
 
 
+def test_reused_chunks_are_not_read_and_must_be_the_jobs(repo: Repo, tmp_path: Path) -> None:
+    """A save takes the chunks the caller names for part of a file (a layer file unchanged since
+    the last checkpoint, left as a hole in the new tar) without reading it; a chunk that none of
+    the job's checkpoints holds fails the save, before any manifest."""
+    data = rand(3 * CHUNK + 10, 5)
+    src = write_tree(tmp_path / "src", {"rootfs.tar": (data, 0o644)})
+    st = repo.open()
+    first = st.save(JOB, src, {})
+    chunks = st.chunks_of(JOB, first.checkpoint_id, "rootfs.tar")
+    assert [raw for _, raw, _ in chunks] == [CHUNK, CHUNK, CHUNK, 10]
+    with open(src / "rootfs.tar", "r+b") as f:  # chunks 1 and 2 become a hole
+        f.seek(CHUNK)
+        f.write(bytes(2 * CHUNK))
+
+    second = st.save(JOB, src, {}, reuse={"rootfs.tar": {1: chunks[1], 2: chunks[2]}})
+
+    assert second.stored == 0 and st.chunks_of(JOB, second.checkpoint_id, "rootfs.tar") == chunks
+    st.fetch(JOB, second.checkpoint_id, tmp_path / "d")
+    assert (tmp_path / "d" / "rootfs.tar").read_bytes() == data
+    foreign = repo.open().save(
+        "other-job", write_tree(tmp_path / "other", {"x": (rand(CHUNK, 6), 0o644)}), {}
+    )
+    (alien,) = st.chunks_of("other-job", foreign.checkpoint_id, "x")
+    with pytest.raises(StoreError, match="not one of this job's"):
+        st.save(JOB, src, {}, reuse={"rootfs.tar": {1: alien}})
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [second.checkpoint_id, first.checkpoint_id]
+    assert st.chunks_of(JOB, first.checkpoint_id, "no-such-file") == []
+
+
 def test_incompressible_chunks_are_framed_raw_and_any_zstd_reads_them(repo: Repo, tmp_path: Path) -> None:
     """Random pages skip the compressor (a raw-block frame, RFC 8878) and text is compressed;
     both are plain zstd frames, verified and restored alike."""

@@ -1,12 +1,13 @@
 """The checkpoint engine on a real container: dedup between checkpoints, caps, TTY containers, a
-streamed restore of memory whose chunks recur, big layer files copied after the resume and stored
-once however the files before them change."""
+streamed restore of memory whose chunks recur, big layer files copied after the resume, stored
+once however the files before them change, and not read again while unchanged."""
 
 import contextlib
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -336,4 +337,39 @@ def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
         new = memhog_bundle(tmp_path / "new", memhog, args)
         assert restore_into(runc, ids[1], new, store, "nxf", settings, out) is not None
         assert {p.name: p.read_bytes() for p in (new / "rootfs" / "nxf-work").iterdir()} == want
+        continues_from(out, at)
+
+
+def test_a_staged_input_unchanged_since_the_last_checkpoint_is_not_read_again(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input the job left alone since the last checkpoint on this boot: the next checkpoint
+    (here one at a Spot notice) names the last one's chunks for it and reads none of it; a change
+    ends that. The restore has the input as it was at each checkpoint."""
+    monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every file counts as left alone
+    args = ["/bin/memhog", "8", "random", "50"]
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"))
+    old = memhog_bundle(tmp_path / "old", memhog, args)
+    reads = old / "rootfs" / "nxf-work" / "reads.fastq"
+    reads.parent.mkdir()
+    reads.write_bytes(os.urandom(2 * store.chunk_size + 12345))
+    with runc_pair(tmp_path, "reuse") as (runc, ids, out):
+        run_bundle(runc, old, ids[0], out)
+        first = engine.checkpoint(runc, ids[0], store, "reuse", {}, settings)
+        second = engine.checkpoint(runc, ids[0], store, "reuse", {}, settings, urgent=True)
+        assert first.meta["layer"]["reused"] == 0 and second.meta["layer"]["reused"] == 2 * store.chunk_size
+        fetched = tmp_path / "fetched"
+        store.fetch("reuse", second.checkpoint_id, fetched)
+        with tarfile.open(fetched / "rootfs.tar") as tf:
+            assert tf.extractfile("nxf-work/reads.fastq").read() == reads.read_bytes()
+        with open(reads, "r+b") as f:  # the job rewrites part of it
+            f.write(b"rewritten")
+        third = engine.checkpoint(runc, ids[0], store, "reuse", {}, settings)
+        assert third.meta["layer"]["reused"] == 0
+        want = reads.read_bytes()
+        at = destroy(runc, ids[0], out)
+        new = memhog_bundle(tmp_path / "new", memhog, args)
+        assert restore_into(runc, ids[1], new, store, "reuse", settings, out) is not None
+        assert (new / "rootfs" / "nxf-work" / "reads.fastq").read_bytes() == want
         continues_from(out, at)
