@@ -19,7 +19,9 @@ in a container of a private dockerd. Measured, for each kind of memory:
 - a small container (64 MiB) with BENCH_LAYER_MIB MiB (default 1024) of staged input in its
   writable layer, untouched for longer than engine.LAYER_COLD_SECONDS: the freeze of an interval
   checkpoint (the input copied after the resume) and of one at a Spot notice (copied frozen),
-  against CRIU's frozen time of a raw `runc checkpoint` (which does not carry the layer at all).
+  against CRIU's frozen time of a raw `runc checkpoint` (which does not carry the layer at all);
+  then of the next checkpoint of each kind, the input unchanged (not read: the last one's chunks
+  are named); and the time of each to a committed checkpoint against the raw `runc checkpoint`.
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
 each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
 of ratios. Needs root and the host set-up (install/setup-host.sh).
@@ -289,21 +291,30 @@ def staged_layer(d: Docker, state: Path) -> dict[str, float]:
         time.sleep(engine.LAYER_COLD_SECONDS + 1)  # left alone since, as staged inputs are
         store, settings = open_store(f"file://{state / 'store'}"), Settings(workdir=str(state / "work"))
         runs: dict[str, list[float]] = {}
+        size = LAYER_MIB << 20
+        expected = {"file": (size, 0), "urgent": (0, 0), "file_reused": (0, size), "urgent_reused": (0, size)}
         for rep in range(REPS):
             raw_dir, raw_work = state / "raw-layer", state / "raw-layer-work"
             settle()
+            t0 = time.monotonic()
             raw_checkpoint(runc, cid, raw_dir, raw_work)
+            runs.setdefault("raw_checkpoint", []).append(time.monotonic() - t0)
             runs.setdefault("raw_frozen", []).append(criu_frozen(raw_work))
             shutil.rmtree(raw_dir)
             shutil.rmtree(raw_work)
             for name in ("file", "urgent")[:: 1 if rep % 2 else -1]:
-                settle()
-                info = engine.checkpoint(
-                    runc, cid, store, "bench-layer", {}, settings, urgent=name == "urgent"
-                )
-                runs.setdefault(f"{name}_paused", []).append(info.meta["timings"]["paused_s"])
-                if (info.meta["layer"]["copied_later"] >= LAYER_MIB << 20) != (name == "file"):
-                    raise RuntimeError(f"the input was not copied as asked: {info.meta['layer']}")
+                store.delete("bench-layer")  # the first checkpoint copies the input, the next reuses it
+                for key in (name, f"{name}_reused"):
+                    settle()
+                    t0 = time.monotonic()
+                    info = engine.checkpoint(
+                        runc, cid, store, "bench-layer", {}, settings, urgent=name == "urgent"
+                    )
+                    runs.setdefault(f"{key}_checkpoint", []).append(time.monotonic() - t0)
+                    runs.setdefault(f"{key}_paused", []).append(info.meta["timings"]["paused_s"])
+                    copied = (info.meta["layer"]["copied_later"], info.meta["layer"]["reused"])
+                    if copied != expected[key]:  # bytes (copied after the resume, not read)
+                        raise RuntimeError(f"the input was not copied as asked: {info.meta['layer']}")
         return {k: statistics.median(v) for k, v in runs.items()}
     finally:
         d.run("rm", "-f", cid, check=False)
@@ -319,6 +330,32 @@ LAYER_LINES = [
         "container frozen at a Spot notice (input copied frozen) vs CRIU frozen time of raw",
         "raw_frozen",
         "urgent_paused",
+    ),
+    (
+        "container frozen, interval, input unchanged since the last (not read)",
+        "raw_frozen",
+        "file_reused_paused",
+    ),
+    (
+        "container frozen at a Spot notice, input unchanged since the last",
+        "raw_frozen",
+        "urgent_reused_paused",
+    ),
+    (
+        "checkpoint committed, interval, input copied vs raw runc checkpoint",
+        "raw_checkpoint",
+        "file_checkpoint",
+    ),
+    (
+        "checkpoint committed, interval, input unchanged (not read) vs raw",
+        "raw_checkpoint",
+        "file_reused_checkpoint",
+    ),
+    ("checkpoint committed at a Spot notice, input copied vs raw", "raw_checkpoint", "urgent_checkpoint"),
+    (
+        "checkpoint committed at a Spot notice, input unchanged vs raw",
+        "raw_checkpoint",
+        "urgent_reused_checkpoint",
     ),
 ]
 
