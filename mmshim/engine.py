@@ -6,9 +6,8 @@ container is paused while the layer is captured and CRIU dumps, so the three are
 resumes as soon as CRIU is done. Big files of the layer that the job left alone for a minute are
 only pinned while it is paused, and copied after (checked unchanged); those unchanged since the
 job's last checkpoint on this boot are not read at all (its chunks are reused, unchanged_files).
-The upload reads, hashes and
-compresses the images while CRIU writes them, but writes nothing to the store until the container
-runs again (store.Gate).
+The upload reads, hashes and compresses the images while CRIU writes them, but writes nothing to
+the store until the container runs again (store.Gate).
 """
 
 import contextlib

@@ -360,9 +360,9 @@ class _TarWriter:
     hole if ``pin``, filled by fill() once the container runs again: the freeze then costs
     metadata and small files, not the size of the layer. With align too, every cold file of at
     least ``align`` bytes is noted in stats["aligned"] (identity_key: [index of its first chunk,
-    number of whole chunks]),
-    and the whole chunks of one whose key is in ``unchanged`` (the previous checkpoint holds
-    them) are left as a hole that nothing fills: ``reused`` tells the caller where they are.
+    number of whole chunks]), and the whole chunks of one whose key is in ``unchanged`` (the
+    previous checkpoint holds them) are left as a hole that nothing fills: ``reused`` tells the
+    caller where they are.
     """
 
     def __init__(
@@ -631,7 +631,7 @@ class _Capture:
                         return
                 if self.hardlink(rel, st, xattrs):
                     return
-                self.regular(fd, rel, st, xattrs)
+                self.regular(fd, rel, xattrs)
             finally:
                 os.close(fd)
             return
@@ -658,7 +658,7 @@ class _Capture:
         self.entry(rel, b"1", st, xattrs, linkname=first)
         return True
 
-    def regular(self, fd: int, rel: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+    def regular(self, fd: int, rel: bytes, xattrs: dict[str, bytes]) -> None:
         st = os.fstat(fd)  # the identity of what is read, whatever the name now points to
         size = st.st_size
         what = os.fsdecode(rel)
