@@ -546,6 +546,8 @@ def show_checkpoint(data: dict[str, Any]) -> None:
         print_mapping({k: (seconds(v) if k.endswith("_s") else v) for k, v in criu.items()})
     for section in ("versions", "layer", "instance"):
         value = meta.pop(section, None)
+        if section == "layer" and isinstance(value, dict) and isinstance(value.get("aligned"), dict):
+            value["aligned"] = f"{len(value['aligned'])} files"  # their identities: --json has them
         if isinstance(value, dict) and value:
             click.echo(f"{section}:")
             print_mapping(value)
