@@ -58,8 +58,8 @@ def unchanged_files(store: Store, job_id: str, boot: str) -> dict[str, list[Chun
         chunks = store.chunks_of(job_id, prev.checkpoint_id, LAYER_TAR)
         out = {}
         for key, (index, count) in (captured.get("aligned") or {}).items():
-            part = chunks[index : index + count]
-            if len(part) == count and all(raw == store.chunk_size for _, raw, _ in part):
+            part = chunks[index : index + count] if index >= 0 else []
+            if count > 0 and len(part) == count and all(raw == store.chunk_size for _, raw, _ in part):
                 out[key] = part
         return out
     except (StoreError, CheckpointUnusable, TypeError, ValueError) as e:  # only costs a full copy

@@ -1,4 +1,5 @@
-"""engine.restore's fallback loop, with the store and runc faked (the real thing: tests/integration)."""
+"""engine.restore's fallback loop, with the store and runc faked, and which layer files a checkpoint
+may take from the last one (the real thing: tests/integration)."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 
 from mmshim import engine
 from mmshim.config import Settings
-from mmshim.store import CheckpointInfo, CheckpointUnusable
+from mmshim.store import CheckpointInfo, CheckpointUnusable, open_store
 
 
 class FakeStore:
@@ -64,3 +65,30 @@ def test_a_bad_mark_that_cannot_be_written_does_not_loop(monkeypatch, bundle, tm
     with pytest.raises(engine.EngineError, match="failed already"):
         restore_with_damage(monkeypatch, bundle, store, tmp_path)
     assert store.fetched == ["new", "new"]
+
+
+@pytest.mark.parametrize(
+    ("boot", "layer", "found"),
+    [
+        ("this-boot", {"align": 4096, "aligned": {"k": [1, 2]}}, True),
+        ("another-boot", {"align": 4096, "aligned": {"k": [1, 2]}}, False),  # inodes mean nothing there
+        ("this-boot", {"align": 8192, "aligned": {"k": [1, 2]}}, False),  # cut at other offsets
+        ("this-boot", {"align": 4096, "aligned": {"k": [3, 2]}}, False),  # past the tar's whole chunks
+        ("this-boot", {"align": 4096, "aligned": {"k": [-2, 2]}}, False),
+        ("this-boot", {"align": 4096, "aligned": {"k": "garbage"}}, False),
+    ],
+)
+def test_unchanged_files_come_only_from_this_boots_last_checkpoint(
+    tmp_path: Path, boot: str, layer: dict, found: bool
+) -> None:
+    store = open_store(f"file://{tmp_path / 'store'}", chunk_size=4096)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / engine.LAYER_TAR).write_bytes(bytes(range(256)) * 16 * 4 + b"tail")  # 4 chunks, a tail
+    store.save("job", stage, {"boot_id": boot, "layer": layer})
+    (info,) = store.checkpoints("job")
+    whole = store.chunks_of("job", info.checkpoint_id, engine.LAYER_TAR)
+
+    got = engine.unchanged_files(store, "job", "this-boot")
+
+    assert got == ({"k": whole[1:3]} if found else {})
