@@ -365,6 +365,11 @@ def table(results: dict[str, dict[str, float]]) -> str:
     lines = [
         ("checkpoint committed, file:// vs raw runc checkpoint to disk", "raw_checkpoint", "file_checkpoint"),
         ("checkpoint committed, file:// vs raw runc checkpoint, then sync", "raw_durable", "file_checkpoint"),
+        (
+            "  no mmshim: raw runc checkpoint, then sync, vs raw (the floor of a durable commit)",
+            "raw_checkpoint",
+            "raw_durable",
+        ),
         ("  at a Spot notice (writes during the dump) vs raw", "raw_checkpoint", "urgent_checkpoint"),
         ("  at a Spot notice vs raw runc checkpoint, then sync", "raw_durable", "urgent_checkpoint"),
         ("checkpoint committed, s3:// (moto) vs raw runc checkpoint", "raw_checkpoint", "s3_checkpoint"),
