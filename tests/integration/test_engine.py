@@ -233,6 +233,23 @@ def restore_into(
         os.close(saved[0]), os.close(saved[1])
 
 
+def restore_elsewhere(
+    runc: engine.Runc,
+    ids: list[str],
+    out: Drain,
+    bundle: Path,
+    store: store_mod.Store,
+    job: str,
+    settings: Settings,
+) -> Path:
+    """Delete the original container, restore the job into ``bundle`` (a new one of the same
+    command) and see memhog count on from where it was; the new rootfs."""
+    at = destroy(runc, ids[0], out)
+    assert restore_into(runc, ids[1], bundle, store, job, settings, out) is not None
+    continues_from(out, at)
+    return bundle / "rootfs"
+
+
 def continues_from(out: Drain, at: int) -> None:
     """The restored memhog counts on from where its checkpoint was taken."""
     wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
@@ -296,11 +313,9 @@ def test_big_unchanged_files_are_copied_after_the_resume(
         info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
         assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
         want = staged.read_bytes()
-        at = destroy(runc, ids[0], out)
         new = memhog_bundle(tmp_path / "new", memhog, args)
-        assert restore_into(runc, ids[1], new, store, "late", settings, out) is not None
-        assert (new / "rootfs" / "data" / "inputs.bin").read_bytes() == want
-        continues_from(out, at)
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "late", settings)
+        assert (rootfs / "data" / "inputs.bin").read_bytes() == want
 
 
 def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
@@ -325,19 +340,15 @@ def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
             f.write(b"progress\n" * 100)  # past a 512-byte tar block
         second = engine.checkpoint(runc, ids[0], store, "nxf", {}, settings)
 
-        def tar_chunks(info: store_mod.CheckpointInfo) -> dict[str, int]:
-            files = store._read_manifest("nxf", info.checkpoint_id)[1]
-            (tar,) = [f for f in files if f.name == "rootfs.tar"]
-            return {sha: raw for sha, raw, _ in tar.chunks}
-
-        before, after = tar_chunks(first), tar_chunks(second)
+        before, after = (
+            {sha: raw for sha, raw, _ in store.chunks_of("nxf", info.checkpoint_id, "rootfs.tar")}
+            for info in (first, second)
+        )
         assert sum(raw for sha, raw in after.items() if sha not in before) <= store.chunk_size  # the log's
         want = {p.name: p.read_bytes() for p in work.iterdir()}
-        at = destroy(runc, ids[0], out)
         new = memhog_bundle(tmp_path / "new", memhog, args)
-        assert restore_into(runc, ids[1], new, store, "nxf", settings, out) is not None
-        assert {p.name: p.read_bytes() for p in (new / "rootfs" / "nxf-work").iterdir()} == want
-        continues_from(out, at)
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "nxf", settings)
+        assert {p.name: p.read_bytes() for p in (rootfs / "nxf-work").iterdir()} == want
 
 
 def test_a_staged_input_unchanged_since_the_last_checkpoint_is_not_read_again(
@@ -368,8 +379,6 @@ def test_a_staged_input_unchanged_since_the_last_checkpoint_is_not_read_again(
         third = engine.checkpoint(runc, ids[0], store, "reuse", {}, settings)
         assert third.meta["layer"]["reused"] == 0
         want = reads.read_bytes()
-        at = destroy(runc, ids[0], out)
         new = memhog_bundle(tmp_path / "new", memhog, args)
-        assert restore_into(runc, ids[1], new, store, "reuse", settings, out) is not None
-        assert (new / "rootfs" / "nxf-work" / "reads.fastq").read_bytes() == want
-        continues_from(out, at)
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "reuse", settings)
+        assert (rootfs / "nxf-work" / "reads.fastq").read_bytes() == want
