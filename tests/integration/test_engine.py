@@ -26,6 +26,7 @@ from tests.test_store import counting
 pytestmark = pytest.mark.integration
 MEMHOG_IMAGE = "mmshim-test/memhog:1"
 MEMHOG = Path(__file__).resolve().parent.parent / "workloads" / "memhog.c"
+STAGED_ARGS = ["/bin/memhog", "8", "random", "50"]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,16 @@ def counts(out: Drain) -> list[int]:
     return [int(line.split()[1]) for line in lines if line.startswith("count ")]
 
 
+def staged_bundle(tmp_path: Path, memhog: Path, rel: str, size: int) -> tuple[Path, Path]:
+    """memhog's bundle (STAGED_ARGS) at tmp_path/old with ``size`` random bytes at ``rel`` in its
+    rootfs, as a job's staged input; (bundle, input)."""
+    old = memhog_bundle(tmp_path / "old", memhog, STAGED_ARGS)
+    staged = old / "rootfs" / rel
+    staged.parent.mkdir()
+    staged.write_bytes(os.urandom(size))
+    return old, staged
+
+
 def memhog_bundle(path: Path, memhog: Path, args: list[str]) -> Path:
     (path / "rootfs" / "bin").mkdir(parents=True)
     shutil.copy(memhog, path / "rootfs" / "bin" / "memhog")
@@ -288,13 +299,9 @@ def test_big_unchanged_files_are_copied_after_the_resume(
     """An interval checkpoint pins big files the job left alone and copies them once it runs
     again: the restore gets them as they were; one changed meanwhile fails that checkpoint only."""
     monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every big file counts as left alone
-    args = ["/bin/memhog", "8", "random", "50"]
     store = open_store(f"file://{tmp_path / 'store'}")
     settings = Settings(workdir=str(tmp_path / "work"))
-    old = memhog_bundle(tmp_path / "old", memhog, args)
-    staged = old / "rootfs" / "data" / "inputs.bin"
-    staged.parent.mkdir()
-    staged.write_bytes(os.urandom(3 << 20))
+    old, staged = staged_bundle(tmp_path, memhog, "data/inputs.bin", 3 << 20)
     with runc_pair(tmp_path, "late") as (runc, ids, out):
         run_bundle(runc, old, ids[0], out)
         complete = layer.Capture.complete
@@ -313,7 +320,7 @@ def test_big_unchanged_files_are_copied_after_the_resume(
         info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
         assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
         want = staged.read_bytes()
-        new = memhog_bundle(tmp_path / "new", memhog, args)
+        new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
         rootfs = restore_elsewhere(runc, ids, out, new, store, "late", settings)
         assert (rootfs / "data" / "inputs.bin").read_bytes() == want
 
@@ -325,14 +332,11 @@ def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
     between checkpoints. The staged input behind it starts at a chunk boundary of the tar both
     times, so the second checkpoint stores the chunk with the log, not the input again; the
     restore has both as they were."""
-    args = ["/bin/memhog", "8", "random", "50"]
     store = open_store(f"file://{tmp_path / 'store'}")
     settings = Settings(workdir=str(tmp_path / "work"))
-    old = memhog_bundle(tmp_path / "old", memhog, args)
-    work = old / "rootfs" / "nxf-work"
-    work.mkdir()
+    old, reads = staged_bundle(tmp_path, memhog, "nxf-work/reads.fastq", 2 * store.chunk_size + 12345)
+    work = reads.parent
     (work / ".command.log").write_bytes(b"started\n")
-    (work / "reads.fastq").write_bytes(os.urandom(2 * store.chunk_size + 12345))
     with runc_pair(tmp_path, "nxf") as (runc, ids, out):
         run_bundle(runc, old, ids[0], out)
         first = engine.checkpoint(runc, ids[0], store, "nxf", {}, settings)
@@ -346,7 +350,7 @@ def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
         )
         assert sum(raw for sha, raw in after.items() if sha not in before) <= store.chunk_size  # the log's
         want = {p.name: p.read_bytes() for p in work.iterdir()}
-        new = memhog_bundle(tmp_path / "new", memhog, args)
+        new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
         rootfs = restore_elsewhere(runc, ids, out, new, store, "nxf", settings)
         assert {p.name: p.read_bytes() for p in (rootfs / "nxf-work").iterdir()} == want
 
@@ -358,13 +362,9 @@ def test_a_staged_input_unchanged_since_the_last_checkpoint_is_not_read_again(
     (here one at a Spot notice) names the last one's chunks for it and reads none of it; a change
     ends that. The restore has the input as it was at each checkpoint."""
     monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every file counts as left alone
-    args = ["/bin/memhog", "8", "random", "50"]
     store = open_store(f"file://{tmp_path / 'store'}")
     settings = Settings(workdir=str(tmp_path / "work"))
-    old = memhog_bundle(tmp_path / "old", memhog, args)
-    reads = old / "rootfs" / "nxf-work" / "reads.fastq"
-    reads.parent.mkdir()
-    reads.write_bytes(os.urandom(2 * store.chunk_size + 12345))
+    old, reads = staged_bundle(tmp_path, memhog, "nxf-work/reads.fastq", 2 * store.chunk_size + 12345)
     with runc_pair(tmp_path, "reuse") as (runc, ids, out):
         run_bundle(runc, old, ids[0], out)
         first = engine.checkpoint(runc, ids[0], store, "reuse", {}, settings)
@@ -379,6 +379,6 @@ def test_a_staged_input_unchanged_since_the_last_checkpoint_is_not_read_again(
         third = engine.checkpoint(runc, ids[0], store, "reuse", {}, settings)
         assert third.meta["layer"]["reused"] == 0
         want = reads.read_bytes()
-        new = memhog_bundle(tmp_path / "new", memhog, args)
+        new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
         rootfs = restore_elsewhere(runc, ids, out, new, store, "reuse", settings)
         assert (rootfs / "nxf-work" / "reads.fastq").read_bytes() == want
