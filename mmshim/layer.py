@@ -435,10 +435,7 @@ class _TarWriter:
         record = data - len(records)
         prefix = b"%d comment=" % record
         self.put(_ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, data, 0, b"", 0) + records + prefix)
-        self.flush()
-        hole = record - len(prefix) - 1
-        os.lseek(self.fd, hole, os.SEEK_CUR)
-        self.size += hole
+        self.skip(record - len(prefix) - 1)
         self.put(b"\n" + head[-BLOCK:])
         self.padding += 2 * BLOCK + data - len(head)
 
@@ -453,12 +450,16 @@ class _TarWriter:
         if key not in self.unchanged:
             return 0
         whole = st.st_size // self.align * self.align
-        self.flush()
-        os.lseek(self.fd, whole, os.SEEK_CUR)
-        self.size += whole
+        self.skip(whole)
         self.reused[key] = index
         self.stats["reused"] += whole
         return whole
+
+    def skip(self, nbytes: int) -> None:
+        """Leave the next nbytes of the tar as a hole (never its last bytes: the trailer follows)."""
+        self.flush()
+        os.lseek(self.fd, nbytes, os.SEEK_CUR)
+        self.size += nbytes
 
     def put(self, data: bytes) -> None:
         self.buf += data
@@ -475,10 +476,8 @@ class _TarWriter:
     def send(self, src: int, offset: int, count: int, what: str, pinned: _Pinned | None = None) -> None:
         """Copy count bytes of src from offset straight into the tar (of a pinned file: later)."""
         if pinned is not None and count > _SMALL_FILE:
-            self.flush()
             self.holes.append((self.size, pinned, offset, count))
-            os.lseek(self.fd, count, os.SEEK_CUR)
-            self.size += count
+            self.skip(count)
             self.stats["copied_later"] += count
             return
         if count <= _SMALL_FILE:
