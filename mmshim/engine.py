@@ -211,7 +211,15 @@ def checkpoint(
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICE_WHILE_FROZEN)
         try:
             result["info"] = store.save(
-                job_id, stage, meta, done=done, progress=progress, abort=abort, gate=resumed, reuse=reuse
+                job_id,
+                stage,
+                meta,
+                done=done,
+                progress=progress,
+                abort=abort,
+                gate=resumed,
+                reuse=reuse,
+                release=True,
             )
         except Exception as exc:
             result["error"] = exc

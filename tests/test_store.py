@@ -188,6 +188,45 @@ def test_dedup_writes_only_changed_chunks(repo: Repo, tmp_path: Path) -> None:
     assert read_tree(tmp_path / "d2") == read_tree(src)
 
 
+def allocated(root: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+def test_release_punches_each_stored_chunk_out_of_its_source(repo: Repo, tmp_path: Path) -> None:
+    """A save with ``release`` (the engine's staging) leaves its source files their sizes but no
+    data: every chunk, written (raw blocks or compressed) or already stored (this job's, another
+    file's in the same save), is punched out once stored. The checkpoint holds the bytes."""
+    files = sample_files()
+    files["criu/pages-2.img"] = (rand(2 * CHUNK, 3) * 2 + b"tail", 0o644)  # a chunk seen twice
+    src = write_tree(tmp_path / "src", files)
+    st = repo.open()
+    st.save(JOB, src, {})
+    assert allocated(src) >= sum(len(data) for data, _ in files.values()) - 4096  # not released
+
+    (src / "rootfs.tar").write_bytes(rand(CHUNK, 7))  # one new chunk; the rest stored already
+    files["rootfs.tar"] = ((src / "rootfs.tar").read_bytes(), 0o640)
+    info = st.save(JOB, src, {}, release=True)
+
+    assert 0 < info.stored <= CHUNK + 1024
+    assert allocated(src) == 0
+    assert {n: len(d) for n, (d, _) in read_tree(src).items()} == {n: len(d) for n, (d, _) in files.items()}
+    st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+    assert read_tree(tmp_path / "d") == files
+
+
+def test_release_of_a_mapping_that_cannot_punch_leaves_the_data(tmp_path: Path) -> None:
+    """Releasing is only a saving: where punching fails (here a read-only mapping; also a file
+    system without hole punching) the source keeps its data and the save goes on."""
+    path = tmp_path / "f"
+    path.write_bytes(rand(2 * 4096, 1))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        store_mod._release(store_mod._map_chunk(fd, 2 * 4096, 0))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == rand(2 * 4096, 1) and allocated(tmp_path) == 2 * 4096
+
+
 def test_reused_chunks_are_not_read_and_must_be_the_jobs(repo: Repo, tmp_path: Path) -> None:
     """A save takes the chunks the caller names for part of a file (a layer file unchanged since
     the last checkpoint, left as a hole in the new tar) without reading it; a chunk that none of
