@@ -48,8 +48,12 @@ def runc_of(docker: Docker) -> engine.Runc:
 
 
 def test_second_checkpoint_stores_only_what_changed(
-    docker: Docker, memhog_image: str, tmp_path: Path
+    docker: Docker, memhog_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """... and punches each part of CRIU's staged images out once stored (store release), the
+    parts already stored too."""
+    kept: list[Path] = []  # staging and work dirs, left for the test to look at
+    monkeypatch.setattr(engine, "remove_later", lambda *paths: kept.extend(paths))
     cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "48", "random").strip()
     try:
         docker.wait_logs(cid, "ready")
@@ -62,8 +66,13 @@ def test_second_checkpoint_stores_only_what_changed(
         assert first.stored > 48 << 20  # random memory: all of it stored once
         assert second.stored < first.stored * 0.2
         assert second.meta["frozen_s"] > 0 and second.meta["pages_written"] > 0  # CRIU's own stats
+        pages = list((kept[-2] / "criu").glob("pages-*.img"))
+        assert pages and sum(p.stat().st_size for p in pages) > 48 << 20
+        assert [p.stat().st_blocks for p in pages] == [0] * len(pages)
     finally:
         docker.run("rm", "-f", cid, check=False)
+        for path in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_nothing_is_written_to_the_store_while_the_container_is_frozen(
