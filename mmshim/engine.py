@@ -179,6 +179,7 @@ def checkpoint(
     checkpoint (the Spot notice: the host goes in two minutes, the freeze no longer matters)
     writes them while CRIU dumps, and so commits sooner.
     """
+    criu = criu_of(runc)
     state = runc.state(container_id)
     if not state or state.get("status") != "running":
         raise EngineError(f"container {container_id} is not running")
@@ -194,7 +195,7 @@ def checkpoint(
         "container_id": container_id,
         "host": socket.gethostname(),
         "args": (spec.get("process") or {}).get("args"),
-        "versions": versions(runc.runc, criu_of(runc)),
+        "versions": versions(runc.runc, criu),
         "urgent": urgent,
         "boot_id": boot_id(),
     }
@@ -305,14 +306,23 @@ STREAMED = re.compile(r"criu/pages-\d+\.img")  # page images: nearly all of a ch
 
 
 def criu_of(runc: Runc) -> str:
-    """The CRIU that runc runs: its --criu global flag, else `criu` on PATH."""
-    argv = runc.global_argv
+    """The CRIU that runc runs (its --criu global flag, else `criu` on PATH), found as runc would
+    find it. EngineError if there is none: a checkpoint then fails before it pauses the job, a
+    restore before it downloads anything, and the checkpoints stay good for a host that has one."""
+    name, argv = "criu", runc.global_argv
     for i, arg in enumerate(argv):
         if arg == "--criu" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--criu="):
-            return arg.split("=", 1)[1]
-    return shutil.which("criu") or "criu"
+            name = argv[i + 1]
+        elif arg.startswith("--criu="):
+            name = arg.split("=", 1)[1]
+    path = shutil.which(name)
+    if path is None:
+        where = f"{name} on PATH ({os.environ.get('PATH', '')})" if os.sep not in name else name
+        raise EngineError(
+            f"CRIU not found: runc would run {where}, not an executable file "
+            "(install/setup-host.sh installs CRIU; runc's --criu flag names another)"
+        )
+    return path
 
 
 def restore(

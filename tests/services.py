@@ -14,6 +14,8 @@ from pathlib import Path
 from mmshim.localdocker import start_dockerd, stop_dockerd, stop_pidfile, wait_for
 
 VENV_PY = sys.executable
+# install/setup-host.sh installs CRIU in /usr/local/sbin: a runtime with this PATH finds runc, not CRIU.
+NO_CRIU_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def free_port() -> int:
@@ -83,6 +85,7 @@ def start_all(state: Path) -> dict[str, str]:
     variants = {
         "mmshim-norunc": {"MMSHIM_RUNC": "/nonexistent/runc"},
         "mmshim-deadstore": {"MMSHIM_CONFIG": str(dead)},
+        "mmshim-nocriu": {"PATH": NO_CRIU_PATH},
     }
     env = {
         "MMSHIM_TEST_S3_ENDPOINT": s3,

@@ -2,6 +2,7 @@
 may take from the last one (the real thing: tests/integration)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def restore_with_damage(monkeypatch, bundle, store: FakeStore, tmp_path: Path):
 
     monkeypatch.setattr(engine.layer, "apply_diff", apply_diff)
     monkeypatch.setattr(engine, "undo", lambda *a: None)
-    runc = engine.Runc("/bin/false", [], str(tmp_path))
+    runc = engine.Runc("/bin/false", ["--criu", "/bin/true"], str(tmp_path))
     settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
     path, spec = bundle
     return engine.restore(runc, "c1", path, None, spec, store, "job", settings)
@@ -65,6 +66,43 @@ def test_a_bad_mark_that_cannot_be_written_does_not_loop(monkeypatch, bundle, tm
     with pytest.raises(engine.EngineError, match="failed already"):
         restore_with_damage(monkeypatch, bundle, store, tmp_path)
     assert store.fetched == ["new", "new"]
+
+
+class RecordingRunc(engine.Runc):
+    """A runc that records what it is asked and runs nothing."""
+
+    def __init__(self, global_argv: list[str], root: str) -> None:
+        super().__init__("/bin/false", global_argv, root)
+        self.calls: list[tuple[str, ...]] = []
+
+    def run(self, *args: str, inherit_stdio: bool = False) -> None:
+        self.calls.append(args)
+
+    def state(self, container_id: str) -> dict | None:
+        self.calls.append(("state", container_id))
+        return None
+
+
+@pytest.mark.parametrize("criu", ["flag", "path"])
+def test_missing_criu_fails_before_any_pause_or_download(monkeypatch, bundle, tmp_path, criu) -> None:
+    """Without CRIU a checkpoint fails before it pauses the job and a restore before it fetches:
+    the error names what runc would run, and the job's checkpoints are left as they are."""
+    if criu == "flag":
+        runc, named = RecordingRunc(["--criu", str(tmp_path / "no-criu")], str(tmp_path)), "no-criu"
+    else:
+        monkeypatch.setenv("PATH", str(tmp_path))  # as if criu were not on dockerd's PATH
+        runc, named = RecordingRunc([], str(tmp_path)), f"criu on PATH ({tmp_path})"
+    settings = Settings(workdir=str(tmp_path / "work"))
+    store = FakeStore(["new", "old"], marks=True)
+    path, spec = bundle
+    with pytest.raises(engine.EngineError, match=rf"CRIU not found: runc would run .*{re.escape(named)}"):
+        engine.restore(runc, "c1", path, None, spec, store, "job", settings)
+    assert store.fetched == [] and store.ids == ["new", "old"]
+    assert json.loads(Path(path, "config.json").read_text()) == spec
+    files = open_store(f"file://{tmp_path / 'store'}")
+    with pytest.raises(engine.EngineError, match="CRIU not found"):
+        engine.checkpoint(runc, "c1", files, "job", {}, settings)
+    assert runc.calls == [] and not (tmp_path / "work").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Spot protection end to end: a real dockerd, runc, CRIU, S3 on moto and the IMDS emulator."""
 
+import shutil
 import time
 import tomllib
 import urllib.request
@@ -12,6 +13,7 @@ from mmshim.demo import expected, workload
 from mmshim.localdocker import IMAGE, Docker
 from mmshim.localdocker import wait_for as poll
 from mmshim.store import CheckpointInfo, Store, open_store
+from tests.services import NO_CRIU_PATH
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +111,32 @@ def test_store_down_on_retry_starts_fresh(docker: Docker, store: Store) -> None:
     code, out = finish(docker, cid)
     assert (code, out) == (0, "fresh 2\n")  # nothing to restore: a normal start
     assert "restore.fallback" in events(store, job)
+
+
+def test_missing_criu_starts_fresh_and_keeps_the_checkpoint(docker: Docker, store: Store) -> None:
+    """A retry on a host whose runtime finds no CRIU (not on its PATH) starts fresh and says why;
+    its interval checkpoints fail the same way and leave the job alone; the checkpoint it could
+    not use stays good, for a host that has CRIU."""
+    assert shutil.which("criu", path=NO_CRIU_PATH) is None  # else the runtime would find one
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    first = run_job(docker, job, 1, MMSHIM_INTERVAL="2")
+    wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    docker.run("rm", "-f", first)
+    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+    kept = store.latest_good(job)
+    second = run_job(docker, job, 2, docker_args=("--runtime=mmshim-nocriu",), MMSHIM_INTERVAL="1")
+
+    def attempt_2(name: str) -> list[dict]:
+        return [e for e in store.events(job) if e["attempt"] == 2 and e["event"] == name]
+
+    failed = wait_for(lambda: attempt_2("checkpoint.failed"), "an interval checkpoint to fail")
+    assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
+    docker.run("rm", "-f", second)  # reclaimed again: its checkpoints are kept for the next retry
+    wait_for(lambda: attempt_2("exit"), "the second watcher to see the container go")
+    (fallback,) = attempt_2("restore.fallback")
+    assert "CRIU not found: runc would run criu on PATH" in fallback["reason"]
+    assert all("CRIU not found" in e["reason"] for e in failed + attempt_2("checkpoint.failed"))
+    assert attempt_2("checkpoint.committed") == [] and kept is not None and store.latest_good(job) == kept
 
 
 def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> None:
