@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class Runc:
         proc = subprocess.run([self.runc, *self.global_argv, *args], text=True, close_fds=False, **kw)
         if proc.returncode != 0:
             detail = (proc.stderr or "").strip().splitlines()[-1:] if not inherit_stdio else []
-            raise EngineError(f"runc {args[0]} failed ({proc.returncode}): {' '.join(detail)}")
+            raise EngineError(f"runc {args[0]} failed ({proc.returncode}){''.join(': ' + d for d in detail)}")
 
     def state(self, container_id: str) -> dict | None:
         proc = subprocess.run(
@@ -264,17 +265,20 @@ def checkpoint(
             if urgent:
                 resumed.open()
             uploader.start()
-            runc.run(
-                "checkpoint",
-                "--leave-running",
-                "--file-locks",
-                "--tcp-established",
-                "--image-path",
-                str(stage / "criu"),
-                "--work-path",
-                str(work),
-                container_id,
-            )
+            try:
+                runc.run(
+                    "checkpoint",
+                    "--leave-running",
+                    "--file-locks",
+                    "--tcp-established",
+                    "--image-path",
+                    str(stage / "criu"),
+                    "--work-path",
+                    str(work),
+                    container_id,
+                )
+            except EngineError as e:
+                raise criu_failed(e, work / "dump.log") from e
         finally:
             runc.run("resume", container_id)
             timings["paused_s"] = time.monotonic() - t0
@@ -303,6 +307,25 @@ def checkpoint(
 
 
 STREAMED = re.compile(r"criu/pages-\d+\.img")  # page images: nearly all of a checkpoint's bytes
+
+
+def criu_failed(
+    error: EngineError, log: Path, served: list[BaseException] | None = None, limit: int = 3
+) -> EngineError:
+    """runc's error with what else went wrong: the image streamer's errors (a store gone in the
+    middle of a restore; CRIU closing its pipes is not a cause) and the last errors in CRIU's
+    log (runc's own message only names the log, which goes with the work dir)."""
+    causes = [
+        f"image not served: {type(x).__name__}: {x}"
+        for x in served or []
+        if not isinstance(x, BrokenPipeError)
+    ]
+    lines: deque[str] = deque(maxlen=limit)
+    with contextlib.suppress(OSError), open(log, errors="replace") as f:
+        lines.extend(line.strip() for line in f if "Error (" in line)
+    if lines:
+        causes.append(f"CRIU's log: {' | '.join(lines)}")
+    return EngineError("; ".join([str(error), *causes])) if causes else error
 
 
 def criu_of(runc: Runc) -> str:
@@ -436,7 +459,7 @@ def restore(
                     damage = [x for x in errors if isinstance(x, CheckpointUnusable)]
                     if damage:
                         raise damage[0] from e
-                    raise
+                    raise criu_failed(e, dest / "work" / "restore.log", errors) from e
             timings["runc_restore_s"] = time.monotonic() - t1
             return info
         except BaseException:

@@ -9,7 +9,7 @@ import pytest
 
 from mmshim import engine
 from mmshim.config import Settings
-from mmshim.store import CheckpointInfo, CheckpointUnusable, open_store
+from mmshim.store import CheckpointInfo, CheckpointUnusable, StoreError, open_store
 
 
 class FakeStore:
@@ -103,6 +103,44 @@ def test_missing_criu_fails_before_any_pause_or_download(monkeypatch, bundle, tm
     with pytest.raises(engine.EngineError, match="CRIU not found"):
         engine.checkpoint(runc, "c1", files, "job", {}, settings)
     assert runc.calls == [] and not (tmp_path / "work").exists()
+
+
+FAILING_RUNC = """#!/bin/sh
+work=
+while [ $# -gt 0 ]; do [ "$1" = --work-path ] && work=$2; shift; done
+[ -n "$work" ] && mkdir -p "$work" && printf '%s\\n' '(00.1) Warn (criu/x.c:1): fine' \\
+    '(00.2) Error (criu/files-reg.c:2): File /data/x has bad size' >"$work/restore.log"
+exit 1
+"""
+
+
+def test_a_failed_restore_says_what_criu_logged(monkeypatch, bundle, tmp_path) -> None:
+    """runc names CRIU's log, which goes with the restore's work dir: its errors go in the reason.
+    A restore that fails in CRIU leaves the checkpoint good (the cause may be the host)."""
+    fake = tmp_path / "runc"
+    fake.write_text(FAILING_RUNC)
+    fake.chmod(0o755)
+    monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs: None)
+    runc = engine.Runc(str(fake), ["--criu", "/bin/true"], str(tmp_path))
+    settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
+    store = FakeStore(["new"], marks=True)
+    path, spec = bundle
+    reason = (
+        r"runc restore failed \(1\); CRIU's log: "
+        r"\(00.2\) Error \(criu/files-reg.c:2\): File /data/x has bad size$"
+    )
+    with pytest.raises(engine.EngineError, match=reason):
+        engine.restore(runc, "c1", path, None, spec, store, "job", settings)
+    assert store.ids == ["new"]
+
+
+def test_streamer_errors_are_named_but_not_the_broken_pipes_criu_leaves(tmp_path) -> None:
+    error = engine.EngineError("runc restore failed (1)")
+    served = [BrokenPipeError(32, "Broken pipe"), StoreError("S3 GET chunks/ab/abc failed")]
+    assert str(engine.criu_failed(error, tmp_path / "no.log", served)) == (
+        "runc restore failed (1); image not served: StoreError: S3 GET chunks/ab/abc failed"
+    )
+    assert engine.criu_failed(error, tmp_path / "no.log", served[:1]) is error
 
 
 @pytest.mark.parametrize(

@@ -166,8 +166,10 @@ def test_failed_checkpoint_leaves_job_running_and_previous_checkpoint(
         else:
             bad_store = open_store("s3://b/p", endpoint_url="http://127.0.0.1:1", max_attempts=1)
             settings = Settings(workdir=str(tmp_path / "work"))
-        with pytest.raises(Exception):  # noqa: B017 - which error depends on where it broke
+        with pytest.raises(Exception) as failed:  # which error depends on where it broke
             engine.checkpoint(runc, cid, bad_store, "fails", {}, settings)
+        if failure == "full work dir":  # the cause, from CRIU's log (deleted with the work dir)
+            assert "CRIU's log: " in str(failed.value) and "No space left on device" in str(failed.value)
         assert runc.state(cid)["status"] == "running"  # resumed, not left paused
         count = docker.out("logs", "--tail", "1", cid)
         time.sleep(0.5)
