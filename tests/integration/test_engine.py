@@ -180,6 +180,39 @@ def test_failed_checkpoint_leaves_job_running_and_previous_checkpoint(
         docker.run("rm", "-f", cid, check=False)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_full_disk_at_restore_starts_fresh_and_keeps_the_checkpoint(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path, small_tmpfs: Path, stream: bool
+) -> None:
+    """No room in the work dir for the images of a fetched-first restore: it fails with the
+    cause, leaves the new bundle as it was (the plain create follows) and nothing on the disk;
+    the checkpoint stays good and restores where there is room. Streamed, the page images never
+    touch the disk: the same restore fits in 2 MiB."""
+    args = ["/bin/memhog", "8", "random"]
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"))
+    with runc_pair(tmp_path, "full") as (runc, ids, out):
+        run_bundle(runc, memhog_bundle(tmp_path / "old", memhog, args), ids[0], out)
+        info = engine.checkpoint(runc, ids[0], store, "full", {}, settings)
+        at = destroy(runc, ids[0], out)
+        new = memhog_bundle(tmp_path / "new", memhog, args)
+        small = Settings(workdir=str(small_tmpfs), restore_stream=stream)
+        if stream:
+            assert restore_into(runc, ids[1], new, store, "full", small, out) is not None
+            continues_from(out, at)
+            return
+        before = [(p, p.read_bytes() if p.is_file() else None) for p in sorted(new.rglob("*"))]
+        with pytest.raises(store_mod.StoreError, match="No space left on device"):
+            restore_into(runc, ids[1], new, store, "full", small, out)
+        assert [(p, p.read_bytes() if p.is_file() else None) for p in sorted(new.rglob("*"))] == before
+        assert list(small_tmpfs.iterdir()) == []
+        assert [(c.checkpoint_id, c.state) for c in store.checkpoints("full")] == [
+            (info.checkpoint_id, "good")
+        ]
+        assert restore_into(runc, ids[1], new, store, "full", settings, out) is not None
+        continues_from(out, at)
+
+
 def counts(out: Drain) -> list[int]:
     """The counts memhog has printed into ``out`` so far (whole lines only)."""
     lines = out.data.decode(errors="replace").split("\n")[:-1]
