@@ -12,9 +12,10 @@ VENV=$PREFIX/venv
 CRIU_VERSION=4.1.1
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_SRC=$PREFIX/src/criu-$CRIU_VERSION
-CRIU_PATCH=$REPO/install/criu-rpc-stream.patch
+# Image streaming for runc's RPC restores; dumps of network sockets on Linux 6.16+ (see each file).
+CRIU_PATCHES=("$REPO/install/criu-rpc-stream.patch" "$REPO/install/criu-sockopts-6.16.patch")
 # criu --version's GitID: mmshim streams restores with the patched build; the suffix names the build
-CRIU_MARK=v$CRIU_VERSION+mmshim-rpc-stream+kdat-rundir
+CRIU_MARK=v$CRIU_VERSION+mmshim-rpc-stream+kdat-rundir+sockopts
 # CRIU probes the kernel for ~30 ms at every start (inside the container's pause at a checkpoint,
 # before the job runs at a restore) unless it finds its cache there; it keeps the cache only on a
 # tmpfs, which a reboot (a new kernel) clears. Its default, /run, is not a tmpfs on every host.
@@ -48,8 +49,11 @@ debian_packages() {
 # Debian 12's criu 3.17 fails on current kernels (vDSO layout); build 4.1.1 from Debian 13's source.
 criu_source() {
   [ -f "$CRIU_SRC/Makefile" ] || criu_extract
-  grep -q 'opts.mode == CR_RESTORE ? O_RSTR' "$CRIU_SRC/criu/cr-service.c" ||
-    patch -d "$CRIU_SRC" -p1 --forward -s <"$CRIU_PATCH" || die "cannot apply $CRIU_PATCH"
+  local p
+  for p in "${CRIU_PATCHES[@]}"; do  # each once: a patch that reverses cleanly is in already
+    patch -d "$CRIU_SRC" -p1 -R --dry-run -s -f <"$p" >/dev/null 2>&1 ||
+      patch -d "$CRIU_SRC" -p1 --forward -s <"$p" || die "cannot apply $p"
+  done
 }
 
 criu_extract() {
@@ -82,7 +86,7 @@ criu_build() {
     return 0
   fi
   criu_source
-  log "building CRIU $CRIU_VERSION with $(basename "$CRIU_PATCH") (about a minute)"
+  log "building CRIU $CRIU_VERSION with ${CRIU_PATCHES[*]##*/} (about a minute)"
   rm -f "$CRIU_SRC/criu/kerndat.o"  # make does not see a new RUNDIR, which only this object uses
   make -C "$CRIU_SRC" -j"$(nproc)" criu GITID="$CRIU_MARK" RUNDIR="$CRIU_RUNDIR" >"$PREFIX/src/criu-build.log" 2>&1 || die "CRIU build failed: see $PREFIX/src/criu-build.log"
   install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu

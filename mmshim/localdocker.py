@@ -146,12 +146,13 @@ class Docker:
         env: dict[str, str] | None = None,
         image: str = IMAGE,
         docker_args: tuple[str, ...] = (),
+        network: str = "none",
     ) -> str:
         """`docker run -d` of a Batch job as Batch would start it, on mmshim; returns the container id."""
         pairs = {"AWS_BATCH_JOB_ID": job_id, "AWS_BATCH_JOB_ATTEMPT": str(attempt), **(env or {})}
         flags = [x for k, v in pairs.items() for x in ("-e", f"{k}={v}")]
         return self.out(
-            "run", "-d", "--runtime=mmshim", "--network", "none", *docker_args, *flags, image, *argv
+            "run", "-d", "--runtime=mmshim", "--network", network, *docker_args, *flags, image, *argv
         ).strip()
 
 

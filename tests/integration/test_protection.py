@@ -1,6 +1,9 @@
 """Spot protection end to end: a real dockerd, runc, CRIU, S3 on moto and the IMDS emulator."""
 
+import contextlib
 import shutil
+import socket
+import threading
 import time
 import tomllib
 import urllib.request
@@ -33,9 +36,12 @@ def run_job(
     attempt: int,
     script: str = JOB,
     docker_args: tuple[str, ...] = (),
+    network: str = "none",
     **env: str,
 ) -> str:
-    return docker.run_job(job_id, attempt, ["sh", "-c", script], env, docker_args=docker_args)
+    return docker.run_job(
+        job_id, attempt, ["sh", "-c", script], env, docker_args=docker_args, network=network
+    )
 
 
 def wait_for(check, what: str, timeout: float = 90) -> object:
@@ -72,6 +78,41 @@ def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store,
     assert names.index("restore.attempted") < names.index("restore.succeeded")
     assert [e["streamed"] for e in store.events(job) if e["event"] == "restore.succeeded"] == [stream == "1"]
     wait_for(lambda: not store.checkpoints(job), "checkpoints to be deleted after success")
+
+
+def test_established_tcp_connection_comes_back_closed(docker: Docker, store: Store) -> None:
+    """A job holding a TCP connection to a peer outside its container (host network, as Batch
+    runs jobs) is checkpointed with it; restored, the connection comes back closed (its peer is
+    gone on a new host): the job's client sees it end, and the job finishes from where it was."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peers: list[socket.socket] = []
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    peers.append(server.accept()[0])
+
+        threading.Thread(target=serve, daemon=True).start()
+        port = server.getsockname()[1]
+        client = (
+            f"while :; do echo ping; sleep 0.2; done | nc 127.0.0.1 {port}; echo connection ended >/data/net"
+        )
+        script = f"({client}) & {workload(40, 0.25)}; cat /data/net"
+        job = f"e2e-{uuid.uuid4().hex[:8]}"
+        first = run_job(docker, job, 1, script, network="host", MMSHIM_INTERVAL="2")
+        info = wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+        files = store._read_manifest(job, info.checkpoint_id)[1]
+        assert any(f.name.startswith("criu/tcp-stream-") for f in files)  # the connection is in it
+        docker.run("rm", "-f", first)
+        wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+        second = run_job(docker, job, 2, script, network="host", MMSHIM_INTERVAL="600")
+        code, out = finish(docker, second)
+        for peer in peers:
+            peer.close()
+        assert code == 0, out
+        assert out.splitlines()[-3:] == [*expected(40), "connection ended"]  # resumed, not restarted
+        assert len(peers) == 1  # nothing connected again
+        assert "restore.succeeded" in events(store, job)
 
 
 def test_shm_bind_mount_travels_with_the_checkpoint(docker: Docker, store: Store) -> None:
