@@ -91,8 +91,9 @@ class Runc:
         kw: dict = {} if inherit_stdio else {"stdin": subprocess.DEVNULL, "capture_output": True}
         proc = subprocess.run([self.runc, *self.global_argv, *args], text=True, close_fds=False, **kw)
         if proc.returncode != 0:
-            detail = (proc.stderr or "").strip().splitlines()[-1:] if not inherit_stdio else []
-            raise EngineError(f"runc {args[0]} failed ({proc.returncode}){''.join(': ' + d for d in detail)}")
+            lines = [] if inherit_stdio else (proc.stderr or "").strip().splitlines()
+            detail = f": {lines[-1]}" if lines else ""  # inherited stdio: runc's error went there
+            raise EngineError(f"runc {args[0]} failed ({proc.returncode}){detail}")
 
     def state(self, container_id: str) -> dict | None:
         proc = subprocess.run(

@@ -116,14 +116,15 @@ exit 1
 
 def test_a_failed_restore_says_what_criu_logged(monkeypatch, bundle, tmp_path) -> None:
     """runc names CRIU's log, which goes with the restore's work dir: its errors go in the reason.
-    A restore that fails in CRIU leaves the checkpoint good (the cause may be the host)."""
+    A restore that fails in CRIU is not taken for damage (the cause may be this host): no older
+    checkpoint is tried instead."""
     fake = tmp_path / "runc"
     fake.write_text(FAILING_RUNC)
     fake.chmod(0o755)
     monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs: None)
     runc = engine.Runc(str(fake), ["--criu", "/bin/true"], str(tmp_path))
     settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
-    store = FakeStore(["new"], marks=True)
+    store = FakeStore(["new", "old"], marks=True)
     path, spec = bundle
     reason = (
         r"runc restore failed \(1\); CRIU's log: "
@@ -131,7 +132,7 @@ def test_a_failed_restore_says_what_criu_logged(monkeypatch, bundle, tmp_path) -
     )
     with pytest.raises(engine.EngineError, match=reason):
         engine.restore(runc, "c1", path, None, spec, store, "job", settings)
-    assert store.ids == ["new"]
+    assert store.fetched == ["new"]
 
 
 def test_streamer_errors_are_named_but_not_the_broken_pipes_criu_leaves(tmp_path) -> None:
