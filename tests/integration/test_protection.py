@@ -115,6 +115,33 @@ def test_established_tcp_connection_comes_back_closed(docker: Docker, store: Sto
         assert "restore.succeeded" in events(store, job)
 
 
+# A Nextflow task as its .command.run starts it: in a work dir in the writable layer, the task's
+# stdout and stderr go through two named pipes to `tee`s that write .command.out and .command.err.
+NXF_TASK = (
+    "mkdir -p /tmp/nxf/ab/cdef && cd /tmp/nxf/ab/cdef && mkfifo .command.po .command.pe; "
+    "tee .command.out <.command.po & tee .command.err <.command.pe >&2 & "
+    '(echo "started by attempt $AWS_BATCH_JOB_ATTEMPT" >&2; '
+    "i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo $i; sleep 0.25; done) >.command.po 2>.command.pe; "
+    'wait; echo "out: $(tr "\\n" " " <.command.out)| err: $(cat .command.err)"'
+)
+
+
+def test_nextflow_task_with_named_pipes_resumes(docker: Docker, store: Store) -> None:
+    """The task, its two tees and the named pipes between them come back (the fifos from the
+    writable layer, what was in them from CRIU's image): the logs the tees write are whole."""
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    first = run_job(docker, job, 1, NXF_TASK, MMSHIM_INTERVAL="2")
+    wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    docker.run("rm", "-f", first)
+    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+    second = run_job(docker, job, 2, NXF_TASK, MMSHIM_INTERVAL="600")
+    code, out = finish(docker, second)
+    assert code == 0, out
+    counts = " ".join(str(i) for i in range(1, 41))
+    assert out.splitlines()[-1] == f"out: {counts} | err: started by attempt 1"
+    assert "restore.succeeded" in events(store, job)
+
+
 def test_shm_bind_mount_travels_with_the_checkpoint(docker: Docker, store: Store) -> None:
     """With --ipc shareable, /dev/shm is a host bind mount: mmshim carries its contents itself."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
