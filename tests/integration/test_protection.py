@@ -57,18 +57,33 @@ def finish(docker: Docker, cid: str) -> tuple[int, str]:
     return code, docker.out("logs", cid)
 
 
+def reclaimed_after_a_checkpoint(
+    docker: Docker,
+    store: Store,
+    job: str,
+    script: str = JOB,
+    docker_args: tuple[str, ...] = (),
+    network: str = "none",
+    **env: str,
+) -> CheckpointInfo:
+    """Attempt 1 of the job until its first interval checkpoint, then its host is reclaimed (the
+    container removed) and its watcher has seen it go: the checkpoint a retry should restore."""
+    first = run_job(docker, job, 1, script, docker_args, network, MMSHIM_INTERVAL="2", **env)
+    wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    docker.run("rm", "-f", first)
+    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+    info = store.latest_good(job)
+    assert info is not None  # a failed attempt keeps its checkpoints
+    return info
+
+
 @pytest.mark.parametrize("stream", ["1", "0"])
 def test_interval_checkpoint_then_restore_on_retry(docker: Docker, store: Store, stream: str) -> None:
     """Restored on the retry, page images streamed into CRIU (or, "0", fetched first: what a CRIU
     without install/criu-rpc-stream.patch gets)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, MMSHIM_INTERVAL="2")
-    interval = wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    interval = reclaimed_after_a_checkpoint(docker, store, job)
     assert not interval.meta["urgent"]  # writes wait for the resume: the shorter freeze
-    docker.run("rm", "-f", first)  # the host is reclaimed
-    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
-    assert store.latest_good(job) is not None  # a failed attempt keeps its checkpoints
-
     second = run_job(docker, job, 2, MMSHIM_INTERVAL="600", MMSHIM_RESTORE_STREAM=stream)
     code, out = finish(docker, second)
     assert code == 0, out
@@ -99,12 +114,9 @@ def test_established_tcp_connection_comes_back_closed(docker: Docker, store: Sto
         )
         script = f"({client}) & {workload(40, 0.25)}; cat /data/net"
         job = f"e2e-{uuid.uuid4().hex[:8]}"
-        first = run_job(docker, job, 1, script, network="host", MMSHIM_INTERVAL="2")
-        info = wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+        info = reclaimed_after_a_checkpoint(docker, store, job, script, network="host")
         files = store._read_manifest(job, info.checkpoint_id)[1]
         assert any(f.name.startswith("criu/tcp-stream-") for f in files)  # the connection is in it
-        docker.run("rm", "-f", first)
-        wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
         second = run_job(docker, job, 2, script, network="host", MMSHIM_INTERVAL="600")
         code, out = finish(docker, second)
         for peer in peers:
@@ -130,10 +142,7 @@ def test_nextflow_task_with_named_pipes_resumes(docker: Docker, store: Store) ->
     """The task, its two tees and the named pipes between them come back (the fifos from the
     writable layer, what was in them from CRIU's image): the logs the tees write are whole."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, NXF_TASK, MMSHIM_INTERVAL="2")
-    wait_for(lambda: store.latest_good(job), "an interval checkpoint")
-    docker.run("rm", "-f", first)
-    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
+    reclaimed_after_a_checkpoint(docker, store, job, NXF_TASK)
     second = run_job(docker, job, 2, NXF_TASK, MMSHIM_INTERVAL="600")
     code, out = finish(docker, second)
     assert code == 0, out
@@ -145,10 +154,8 @@ def test_nextflow_task_with_named_pipes_resumes(docker: Docker, store: Store) ->
 def test_shm_bind_mount_travels_with_the_checkpoint(docker: Docker, store: Store) -> None:
     """With --ipc shareable, /dev/shm is a host bind mount: mmshim carries its contents itself."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, docker_args=("--ipc", "shareable"), MMSHIM_INTERVAL="2")
-    info = wait_for(lambda: store.latest_good(job), "an interval checkpoint")
+    info = reclaimed_after_a_checkpoint(docker, store, job, docker_args=("--ipc", "shareable"))
     assert info.meta["mounts"] == ["/dev/shm"]
-    docker.run("rm", "-f", first)
     code, out = finish(docker, run_job(docker, job, 2, docker_args=("--ipc", "shareable")))
     assert code == 0 and out.splitlines()[-2:] == expected(40)  # the count in /dev/shm came back
 
@@ -187,11 +194,7 @@ def test_missing_criu_starts_fresh_and_keeps_the_checkpoint(docker: Docker, stor
     not use stays good, for a host that has CRIU."""
     assert shutil.which("criu", path=NO_CRIU_PATH) is None  # else the runtime would find one
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    first = run_job(docker, job, 1, MMSHIM_INTERVAL="2")
-    wait_for(lambda: store.latest_good(job), "an interval checkpoint")
-    docker.run("rm", "-f", first)
-    wait_for(lambda: "exit" in events(store, job), "the watcher to see the container go")
-    kept = store.latest_good(job)
+    kept = reclaimed_after_a_checkpoint(docker, store, job)
     second = run_job(docker, job, 2, docker_args=("--runtime=mmshim-nocriu",), MMSHIM_INTERVAL="1")
 
     def attempt_2(name: str) -> list[dict]:
@@ -204,7 +207,7 @@ def test_missing_criu_starts_fresh_and_keeps_the_checkpoint(docker: Docker, stor
     (fallback,) = attempt_2("restore.fallback")
     assert "CRIU not found: runc would run criu on PATH" in fallback["reason"]
     assert all("CRIU not found" in e["reason"] for e in failed + attempt_2("checkpoint.failed"))
-    assert attempt_2("checkpoint.committed") == [] and kept is not None and store.latest_good(job) == kept
+    assert attempt_2("checkpoint.committed") == [] and store.latest_good(job) == kept
 
 
 def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> None:
@@ -230,9 +233,7 @@ def test_store_down_at_create_starts_fresh(docker: Docker) -> None:
 
 def test_array_child_job(docker: Docker, store: Store) -> None:
     job = f"{uuid.uuid4()}:7"  # array children are <parent-id>:<index>
-    first = run_job(docker, job, 1, MMSHIM_INTERVAL="2", AWS_BATCH_JOB_ARRAY_INDEX="7")
-    wait_for(lambda: store.latest_good(job), "a checkpoint of the array child")
-    docker.run("rm", "-f", first)
+    reclaimed_after_a_checkpoint(docker, store, job, AWS_BATCH_JOB_ARRAY_INDEX="7")
     code, out = finish(docker, run_job(docker, job, 2, AWS_BATCH_JOB_ARRAY_INDEX="7"))
     assert code == 0 and out.splitlines()[-1] == "started by attempt 1"
 
