@@ -3,6 +3,7 @@ streamed restore of memory whose chunks recur, big layer files copied after the 
 once however the files before them change, and not read again while unchanged."""
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -229,12 +230,12 @@ def staged_bundle(tmp_path: Path, memhog: Path, rel: str, size: int) -> tuple[Pa
     return old, staged
 
 
-def memhog_bundle(path: Path, memhog: Path, args: list[str]) -> Path:
+def memhog_bundle(path: Path, memhog: Path, args: list[str], env: tuple[str, ...] = ()) -> Path:
     (path / "rootfs" / "bin").mkdir(parents=True)
     shutil.copy(memhog, path / "rootfs" / "bin" / "memhog")
     subprocess.run(["runc", "spec"], cwd=path, check=True)
     spec = json.loads((path / "config.json").read_text())
-    spec["process"].update(terminal=False, args=args)
+    spec["process"].update(terminal=False, args=args, env=[*spec["process"]["env"], *env])
     spec["root"]["readonly"] = False
     (path / "config.json").write_text(json.dumps(spec))
     return path
@@ -309,6 +310,37 @@ def continues_from(out: Drain, at: int) -> None:
     """The restored memhog counts on from where its checkpoint was taken."""
     wait_for(lambda: counts(out)[-1] > at + 2, "the restored memhog counting")
     assert min(c for c in counts(out) if c > at) in range(at + 1, at + 4)
+
+
+def locked(path: Path) -> bool:
+    """Whether another process holds a flock on ``path`` (this one cannot take it)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_file_lock_is_held_again_after_the_restore(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path
+) -> None:
+    """A job's flock on a file of its rootfs is dumped (runc's --file-locks) and the restored job
+    holds it again in its new rootfs: no other process can take it there."""
+    args, env = ["/bin/memhog", "8", "text"], ("MEMHOG_LOCK=/job.lock",)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"))
+    with runc_pair(tmp_path, "lock") as (runc, ids, out):
+        old = memhog_bundle(tmp_path / "old", memhog, args, env)
+        run_bundle(runc, old, ids[0], out)
+        assert locked(old / "rootfs" / "job.lock")
+        engine.checkpoint(runc, ids[0], store, "lock", {}, settings)
+        new = memhog_bundle(tmp_path / "new", memhog, args, env)
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "lock", settings)
+        assert not locked(old / "rootfs" / "job.lock")  # its holder is gone with the original
+        assert locked(rootfs / "job.lock")
 
 
 def test_streamed_restore_decodes_recurring_memory_once(

@@ -3,12 +3,15 @@
  * memhog MIB random|text [PERIOD_MS]: fills MIB MiB of heap (incompressible random bytes, or
  * compressible text), then counts forever, printing the count every PERIOD_MS (default 200 ms).
  * SIGUSR1 rewrites the next 5% of the region (contiguous, wrapping), as a job that keeps most of
- * its memory and changes a little between two checkpoints.
+ * its memory and changes a little between two checkpoints. With MEMHOG_LOCK=PATH in its
+ * environment it first takes an exclusive flock on PATH (created if need be) and holds it.
  */
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,6 +44,11 @@ int main(int argc, char **argv) {
     unsigned char *mem = malloc(size ? size : 1);
     if (!mem) { perror("malloc"); return 1; }
     fill(mem, size, random);
+    const char *lock = getenv("MEMHOG_LOCK");
+    if (lock) {
+        int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0 || flock(fd, LOCK_EX) != 0) { perror(lock); return 1; }
+    }
     signal(SIGUSR1, on_usr1);
     size_t slice = size / 20, offset = 0;
     printf("ready %zu MiB\n", size >> 20);
