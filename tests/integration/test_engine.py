@@ -202,10 +202,14 @@ def test_a_full_disk_at_restore_starts_fresh_and_keeps_the_checkpoint(
             assert restore_into(runc, ids[1], new, store, "full", small, out) is not None
             continues_from(out, at)
             return
-        before = [(p, p.read_bytes() if p.is_file() else None) for p in sorted(new.rglob("*"))]
+
+        def contents() -> list[tuple[Path, bytes | None]]:
+            return [(p, p.read_bytes() if p.is_file() else None) for p in sorted(new.rglob("*"))]
+
+        before = contents()
         with pytest.raises(store_mod.StoreError, match="No space left on device"):
             restore_into(runc, ids[1], new, store, "full", small, out)
-        assert [(p, p.read_bytes() if p.is_file() else None) for p in sorted(new.rglob("*"))] == before
+        assert contents() == before
         assert list(small_tmpfs.iterdir()) == []
         assert [(c.checkpoint_id, c.state) for c in store.checkpoints("full")] == [
             (info.checkpoint_id, "good")
