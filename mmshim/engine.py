@@ -11,6 +11,7 @@ the store until the container runs again (store.Gate).
 """
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from mmshim import layer, streamer
@@ -39,6 +40,13 @@ UPLOAD_NICE_WHILE_FROZEN = 19
 # shared mapping (30 s by default), after which the next write through it moves the ctime.
 LAYER_COLD_SECONDS = 60.0
 LAYER_TAR = "rootfs.tar"
+CPUINFO = "criu/cpuinfo.img"
+# CRIU's own default CPU checks, named so that they happen: without a cpu-cap option (runc passes
+# none) CRIU neither describes the CPU in the image nor checks anything on restore, and a job whose
+# libc chose AVX-512 code on one host is restored on a host without it and dies of SIGILL. fpu:
+# the xsave features and frame sizes must match; ins: the new CPU has every instruction set the
+# old one had.
+CPU_CAP = "fpu,ins"
 
 
 def boot_id() -> str:
@@ -73,6 +81,10 @@ def set_priority(nice: int) -> None:
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):  # the thread ended meanwhile
             os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
+class _Passed(Exception):
+    """A checkpoint this host cannot run: restore goes on to the previous one."""
 
 
 class EngineError(Exception):
@@ -147,6 +159,43 @@ def versions(runc: str, criu: str) -> dict:
     }
 
 
+@functools.cache
+def cpuinfo_image(criu: str) -> bytes | None:
+    """This host's CPU as CRIU describes it (`criu cpuinfo dump`), put into every checkpoint taken
+    here (once per process: the CPU does not change under a running watcher); None where CRIU
+    has no such description (aarch64: it exits with -ENOTSUP)."""
+    with tempfile.TemporaryDirectory(prefix="mmshim-cpu-") as d:
+        argv = [criu, "cpuinfo", "dump", f"--cpu-cap={CPU_CAP}", "--images-dir", d, "--log-file", "-"]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode == 256 - errno.ENOTSUP:
+            return None
+        if r.returncode != 0:  # a log file "-" is CRIU's stdout
+            raise EngineError(f"criu cpuinfo dump failed ({r.returncode}): {(r.stdout + r.stderr).strip()}")
+        image = Path(d, "cpuinfo.img")
+        return image.read_bytes() if image.exists() else None
+
+
+def cpu_misfit(criu: str, images: Path, meta: dict) -> str | None:
+    """Why this host cannot run a checkpoint's processes, or None: another architecture, or a CPU
+    that CRIU's own check of the checkpoint's cpuinfo.img refuses (CPU_CAP). Asked before anything
+    big is fetched; such a checkpoint stays good for a host like the one it was taken on."""
+    here, there = platform.machine(), meta.get("machine")
+    instance = meta.get("instance")
+    kind = instance.get("instance-type") if isinstance(instance, dict) else None
+    on = f" on a {kind}" if kind else ""
+    if there and there != here:
+        return f"taken on {there}{on}, this host is {here}"
+    if not (images / "cpuinfo.img").exists():
+        return None  # taken before checkpoints described their CPU: unchecked, as before
+    argv = [criu, "cpuinfo", "check", f"--cpu-cap={CPU_CAP}", "--images-dir", str(images), "--log-file", "-"]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    said = r.stdout + r.stderr  # a log file "-" is CRIU's stdout
+    errors = [line.strip() for line in said.splitlines() if "Error (" in line] or [said.strip()]
+    return f"this host's CPU cannot run what was checkpointed{on}; CRIU: {' | '.join(errors)}"
+
+
 def criu_stats(images: Path) -> dict:
     """Frozen time and pages written from CRIU's own stats-dump (microseconds → seconds)."""
     try:
@@ -182,6 +231,7 @@ def checkpoint(
     writes them while CRIU dumps, and so commits sooner.
     """
     criu = criu_of(runc)
+    cpuinfo = cpuinfo_image(criu)
     state = runc.state(container_id)
     if not state or state.get("status") != "running":
         raise EngineError(f"container {container_id} is not running")
@@ -200,6 +250,7 @@ def checkpoint(
         "versions": versions(runc.runc, criu),
         "urgent": urgent,
         "boot_id": boot_id(),
+        "machine": platform.machine(),
     }
     unchanged = unchanged_files(store, job_id, meta["boot_id"])
     timings: dict[str, float] = {}
@@ -231,6 +282,9 @@ def checkpoint(
     captured: layer.Capture | None = None
     t0 = time.monotonic()
     try:
+        if cpuinfo is not None:  # CRIU leaves it alone: runc asks for no CPU description
+            (stage / "criu").mkdir()
+            (stage / CPUINFO).write_bytes(cpuinfo)
         runc.run("pause", container_id)
         try:
             upper = layer.upperdir_of(rootfs)
@@ -369,8 +423,10 @@ def restore(
     restored; ``timings`` the seconds of each phase (fetch_s, apply_s, runc_restore_s). With a
     CRIU that can (streamer.supported), page images are not fetched first but streamed into
     `runc restore` as they download; a damaged chunk found then fails that restore, marks its
-    checkpoint bad and the previous one is tried, as a damage found by a fetch would be. On any
-    failure the bundle's rootfs and config are put back as they were, so a plain create can follow.
+    checkpoint bad and the previous one is tried, as a damage found by a fetch would be. A
+    checkpoint this host cannot run (cpu_misfit) is passed over before its bulk is fetched, and
+    left good; when no other is left, EngineError says why. On any failure the bundle's rootfs
+    and config are put back as they were, so a plain create can follow.
     """
     criu = criu_of(runc)
     stream = settings.restore_stream and streamer.supported(criu)
@@ -378,6 +434,7 @@ def restore(
         log.info("%s cannot stream images to runc (install/criu-rpc-stream.patch): fetching first", criu)
     timings = {} if timings is None else timings
     tried: set[str] = set()
+    unfit: dict[str, str] = {}  # checkpoints this host cannot run, and why
 
     def attempt() -> CheckpointInfo | None:
         t0 = time.monotonic()
@@ -386,7 +443,7 @@ def restore(
         rootfs = rootfs_of(spec, bundle)
         config = Path(bundle) / "config.json"
         original_config = config.read_bytes()
-        applied = False
+        applied, kept = False, None
         done: dict[str, int] = {}
 
         def report(name: str) -> Callable[[int], None]:
@@ -398,14 +455,28 @@ def restore(
             return add
 
         try:
-            defer = (lambda name: STREAMED.fullmatch(name) is not None) if stream else None
-            info = fetch(store, job_id, str(dest), checkpoint_id, report(""), defer)
-            timings["fetch_s"] = time.monotonic() - t0
+            # Which checkpoint, and can this host run it? Only its CPU description is fetched.
+            skip = tried | unfit.keys()  # damaged ones whose bad mark could not be written too
+            info = fetch(store, job_id, str(dest), checkpoint_id, None, lambda n: n != CPUINFO, skip)
             if info is None:
+                timings["fetch_s"] = time.monotonic() - t0
+                if unfit:
+                    raise EngineError(
+                        "no checkpoint of this job can be restored here: "
+                        + "; ".join(f"{cid}: {why}" for cid, why in unfit.items())
+                    )
                 return None
-            if info.checkpoint_id in tried:  # its bad mark could not be written: do not loop on it
-                raise EngineError(f"checkpoint {info.checkpoint_id} failed already in this restore")
+            misfit = cpu_misfit(criu, dest / "criu", info.meta)
+            if misfit:
+                unfit[info.checkpoint_id] = misfit
+                if checkpoint_id is not None:
+                    raise EngineError(f"checkpoint {checkpoint_id} cannot be restored here: {misfit}")
+                log.warning("checkpoint %s cannot be restored here: %s", info.checkpoint_id, misfit)
+                raise _Passed
             tried.add(info.checkpoint_id)
+            defer = (lambda name: STREAMED.fullmatch(name) is not None) if stream else None
+            info = store.fetch(job_id, info.checkpoint_id, str(dest), report(""), defer)
+            timings["fetch_s"] = time.monotonic() - t0
             args = (spec.get("process") or {}).get("args")
             if info.meta.get("args") != args:
                 raise EngineError(
@@ -415,12 +486,17 @@ def restore(
             missing = set(info.meta.get("mounts") or ()) - set(sources)
             if missing:
                 raise EngineError(f"the new container lacks the bind mounts {sorted(missing)}")
+            lowers = layer.lowerdirs_of(rootfs)
+            if not lowers:  # a plain directory: its image kept to undo the apply with
+                kept = layer.keep_image(rootfs)
+                lowers = [kept]
             applied = True
             layer.apply_diff(str(dest / LAYER_TAR), rootfs)
             for i, mount in enumerate(info.meta.get("mounts") or ()):
                 layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
             criu_options = ["tcp-close"] if settings.tcp == "close" else []
             criu_options += ["stream"] if info.deferred else []
+            criu_options += [f"cpu-cap={CPU_CAP}"] if (dest / CPUINFO).exists() else []
             restore_spec = dict(spec)
             if criu_options:
                 conf = dest / "criu.conf"
@@ -465,15 +541,19 @@ def restore(
             return info
         except BaseException:
             if applied:
-                undo(runc, container_id, rootfs, dest)
+                undo(runc, container_id, rootfs, dest, lowers)
             raise
         finally:
             config.write_bytes(original_config)
             shutil.rmtree(dest, ignore_errors=True)
+            if kept:
+                shutil.rmtree(kept, ignore_errors=True)
 
     while True:
         try:
             return attempt()
+        except _Passed:
+            continue
         except CheckpointUnusable as e:
             if checkpoint_id is not None:
                 raise
@@ -487,15 +567,17 @@ def fetch(
     checkpoint_id: str | None = None,
     progress: Callable[[int], None] | None = None,
     defer: Callable[[str], bool] | None = None,
+    skip: Collection[str] = (),
 ) -> CheckpointInfo | None:
     """What restore fetches: the chosen checkpoint (no fallback), else the newest good one."""
     if checkpoint_id is not None:
         return store.fetch(job_id, checkpoint_id, dest, progress, defer)
-    return store.fetch_latest(job_id, dest, progress, defer)
+    return store.fetch_latest(job_id, dest, progress, defer, skip)
 
 
-def undo(runc: Runc, container_id: str, rootfs: str, dest: Path) -> None:
-    """Leave no half-restored container and give the rootfs back its image state."""
+def undo(runc: Runc, container_id: str, rootfs: str, dest: Path, lowers: list[str]) -> None:
+    """Leave no half-restored container and give the rootfs back its image state (``lowers``:
+    the overlay's image layers, or the plain directory's kept image)."""
     subprocess.run([runc.runc, *runc.global_argv, "delete", "--force", container_id], capture_output=True)
     if (dest / LAYER_TAR).exists():
-        layer.revert_diff(str(dest / LAYER_TAR), rootfs, layer.lowerdirs_of(rootfs))
+        layer.revert_diff(str(dest / LAYER_TAR), rootfs, lowers)

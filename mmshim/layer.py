@@ -1417,6 +1417,46 @@ class _Reverter:
                     os.close(fd)
 
 
+def keep_image(rootfs: str) -> str:
+    """Hard links to everything in a rootfs that is no overlay mount, in a new directory beside
+    it: the image's version of its files, for revert_diff to take as its one lower layer.
+
+    A rootfs that is a plain directory (runc bundles, Docker's vfs driver) has no image layers
+    to put back what apply_diff replaced, and a failed restore would leave the fresh start a
+    damaged rootfs. apply_diff replaces files, never writes through them, so links keep them as
+    they were; directories are made anew with the same owner, mode, xattrs and times. LayerError
+    where links cannot be made (the rootfs is a mount of another filesystem).
+    """
+    parent, name = os.path.split(os.path.normpath(rootfs))
+    kept = tempfile.mkdtemp(prefix=f".{name}.image-", dir=parent)
+    try:
+        _link_tree(rootfs, kept)
+    except (OSError, RecursionError) as e:
+        shutil.rmtree(kept, ignore_errors=True)
+        raise LayerError(
+            f"cannot keep the image of {rootfs} (no overlay) to undo a failed restore: {e}"
+        ) from e
+    return kept
+
+
+def _link_tree(src: str, dest: str) -> None:
+    with os.scandir(src) as entries:
+        for entry in entries:
+            target = os.path.join(dest, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                os.mkdir(target)
+                _link_tree(entry.path, target)
+            else:
+                os.link(entry.path, target, follow_symlinks=False)
+    fd = os.open(dest, _DIR_FLAGS)
+    try:
+        st = os.stat(src, follow_symlinks=False)
+        _Reverter.meta(fd, st, _kept_xattrs(src))
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
 def revert_diff(tar_path: str, rootfs: str, lowerdirs: list[str]) -> dict:
     """Undo apply_diff on a new container's mounted overlay rootfs, for a fresh start of the job.
 

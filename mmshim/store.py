@@ -83,7 +83,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -1974,17 +1974,20 @@ class Store:
         dest_dir: str | os.PathLike[str],
         progress: Callable[[int], None] | None = None,
         defer: Callable[[str], bool] | None = None,
+        skip: Collection[str] = (),
     ) -> CheckpointInfo | None:
         """Fetch the newest good checkpoint, falling back past damaged ones; None if none is left.
 
         ``progress`` follows each attempt as in fetch (a fallback starts its count again at 0).
+        Checkpoints named in ``skip`` are passed over (the caller's: not for this host, or found
+        damaged where the bad mark could not be written).
         StoreError other than CheckpointUnusable (the store is unreachable) propagates: starting
         afresh then would throw work away.
         """
         job = validate_job_id(job_id)
         cids, bad = self._scan(job)
         for cid in cids:
-            if cid in bad:
+            if cid in bad or cid in skip:
                 continue
             try:
                 return self._fetch(job, cid, dest_dir, progress, check_bad=False, defer=defer)

@@ -13,18 +13,29 @@ from mmshim.store import CheckpointInfo, CheckpointUnusable, StoreError, open_st
 
 
 class FakeStore:
-    """Hands out checkpoints newest first; ``marks`` says whether marking one bad is recorded."""
+    """Hands out checkpoints newest first; ``marks`` says whether marking one bad is recorded.
+    ``cpus`` gives a checkpoint a CPU description (the text of its cpuinfo.img) and ``meta``
+    more metadata; ``fetched`` lists the whole fetches, after the CPU description's."""
 
-    def __init__(self, ids: list[str], marks: bool) -> None:
+    def __init__(
+        self, ids: list[str], marks: bool, cpus: dict | None = None, meta: dict | None = None
+    ) -> None:
         self.ids, self.marks, self.fetched = ids, marks, []
+        self.cpus, self.meta = cpus or {}, meta or {}
 
-    def fetch_latest(self, job_id, dest, progress=None, defer=None):
-        if not self.ids:
-            return None
-        cid = self.ids[0]
-        self.fetched.append(cid)
+    def fetch_latest(self, job_id, dest, progress=None, defer=None, skip=()):
+        left = [cid for cid in self.ids if cid not in skip]
+        return self.fetch(job_id, left[0], dest, progress, defer) if left else None
+
+    def fetch(self, job_id, cid, dest, progress=None, defer=None):
         Path(dest, "criu").mkdir(parents=True, exist_ok=True)
-        return CheckpointInfo(job_id, cid, 0.0, 0, 0, "good", {"args": ["sleep", "1"]})
+        if cid in self.cpus:
+            Path(dest, engine.CPUINFO).write_text(self.cpus[cid])
+        if defer is None or not defer("rootfs.tar"):
+            self.fetched.append(cid)
+        return CheckpointInfo(
+            job_id, cid, 0.0, 0, 0, "good", {"args": ["sleep", "1"], **self.meta.get(cid, {})}
+        )
 
     def damaged(self, cid: str) -> None:
         if self.marks:
@@ -63,9 +74,8 @@ def test_damage_falls_back_to_previous_checkpoints_until_none_is_left(monkeypatc
 
 def test_a_bad_mark_that_cannot_be_written_does_not_loop(monkeypatch, bundle, tmp_path) -> None:
     store = FakeStore(["new", "old"], marks=False)  # the store is read-only: the mark is lost
-    with pytest.raises(engine.EngineError, match="failed already"):
-        restore_with_damage(monkeypatch, bundle, store, tmp_path)
-    assert store.fetched == ["new", "new"]
+    assert restore_with_damage(monkeypatch, bundle, store, tmp_path) is None
+    assert store.fetched == ["new", "old"]
 
 
 class RecordingRunc(engine.Runc):
@@ -169,3 +179,97 @@ def test_unchanged_files_come_only_from_this_boots_last_checkpoint(
     got = engine.unchanged_files(store, "job", "this-boot")
 
     assert got == ({"k": whole[1:3]} if found else {})
+
+
+CPU_CHECKING_CRIU = """#!/bin/sh
+# `criu cpuinfo check`: refuses the images of a CPU with AVX-512, as CRIU does here (no AVX-512)
+[ "$1 $2" = "cpuinfo check" ] || exit 0
+while [ $# -gt 0 ]; do [ "$1" = --images-dir ] && dir=$2; shift; done
+grep -q avx512 "$dir/cpuinfo.img" || exit 0
+echo 'Error (criu/arch/x86/cpu.c:274): cpu: CPU xsave size mismatch (2696/832)'  # CRIU's log
+exit 1
+"""
+XSAVE = "CRIU: Error (criu/arch/x86/cpu.c:274): cpu: CPU xsave size mismatch (2696/832)"
+
+
+class RestoringRunc(engine.Runc):
+    """A runc whose restores succeed, recording the CRIU options each was given."""
+
+    def __init__(self, criu: str, root: str) -> None:
+        super().__init__("/bin/false", ["--criu", criu], root)
+        self.options: list[list[str]] = []
+
+    def run(self, *args: str, inherit_stdio: bool = False) -> None:
+        bundle = args[args.index("--bundle") + 1]
+        conf = json.loads(Path(bundle, "config.json").read_text())["annotations"][
+            engine.CRIU_CONFIG_ANNOTATION
+        ]
+        self.options.append(Path(conf).read_text().split())
+
+
+def restore_on_this_cpu(monkeypatch, bundle, tmp_path, store: FakeStore, checkpoint_id: str | None = None):
+    monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs: None)
+    monkeypatch.setattr(engine.platform, "machine", lambda: "x86_64")
+    criu = tmp_path / "criu"
+    criu.write_text(CPU_CHECKING_CRIU)
+    criu.chmod(0o755)
+    runc = RestoringRunc(str(criu), str(tmp_path))
+    settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
+    path, spec = bundle
+    return runc, engine.restore(runc, "c1", path, None, spec, store, "job", settings, checkpoint_id)
+
+
+def test_a_checkpoint_this_cpu_cannot_run_is_passed_over_and_kept(monkeypatch, bundle, tmp_path) -> None:
+    """The newest checkpoint was taken on a CPU this host's does not match: CRIU's own check of its
+    cpuinfo.img refuses it before its bulk is fetched, and the previous one is restored, CRIU
+    told to check the CPU again. The newest is not marked bad: a host like its own can use it."""
+    store = FakeStore(["new", "old"], marks=True, cpus={"new": "avx512", "old": "avx2"})
+    runc, info = restore_on_this_cpu(monkeypatch, bundle, tmp_path, store)
+    assert info is not None and info.checkpoint_id == "old"
+    assert store.fetched == ["old"] and store.ids == ["new", "old"]
+    assert runc.options == [["tcp-close", f"cpu-cap={engine.CPU_CAP}"]]
+
+
+def test_no_checkpoint_this_host_can_run_fails_the_restore_saying_why(monkeypatch, bundle, tmp_path) -> None:
+    """Nothing is fetched past the CPU descriptions, and the reason names each checkpoint's."""
+    meta = {"old": {"machine": "aarch64", "instance": {"instance-type": "m7g.large"}}}
+    store = FakeStore(["new", "old"], marks=True, cpus={"new": "avx512"}, meta=meta)
+    with pytest.raises(engine.EngineError) as e:
+        restore_on_this_cpu(monkeypatch, bundle, tmp_path, store)
+    assert str(e.value) == (
+        "no checkpoint of this job can be restored here: "
+        f"new: this host's CPU cannot run what was checkpointed; {XSAVE}; "
+        "old: taken on aarch64 on a m7g.large, this host is x86_64"
+    )
+    assert store.fetched == [] and store.ids == ["new", "old"]
+    with pytest.raises(engine.EngineError, match=r"^checkpoint new cannot be restored here: this host's CPU"):
+        restore_on_this_cpu(monkeypatch, bundle, tmp_path, store, checkpoint_id="new")  # an operator's choice
+
+
+def test_a_checkpoint_without_a_cpu_description_is_restored_unchecked(monkeypatch, bundle, tmp_path) -> None:
+    """Checkpoints taken before they described their CPU: restored as before, no cpu-cap for CRIU
+    (which would then look for the missing image and fail)."""
+    runc, info = restore_on_this_cpu(monkeypatch, bundle, tmp_path, FakeStore(["old"], marks=True))
+    assert info is not None and runc.options == [["tcp-close"]]
+
+
+def test_a_cpu_criu_cannot_describe_fails_the_checkpoint_before_the_pause(bundle, tmp_path) -> None:
+    criu = tmp_path / "criu"
+    criu.write_text("#!/bin/sh\necho 'Error (criu/cpu.c:1): cpuid failed'\nexit 1\n")
+    criu.chmod(0o755)
+    runc = RecordingRunc(["--criu", str(criu)], str(tmp_path))
+    files = open_store(f"file://{tmp_path / 'store'}")
+    with pytest.raises(
+        engine.EngineError, match=r"criu cpuinfo dump failed \(1\): Error \(criu/cpu.c:1\): cpuid"
+    ):
+        engine.checkpoint(runc, "c1", files, "job", {}, Settings(workdir=str(tmp_path / "work")))
+    assert runc.calls == [] and not (tmp_path / "work").exists()
+
+
+def test_no_cpu_description_where_criu_has_none(tmp_path) -> None:
+    """CRIU on aarch64 describes no CPU (`cpuinfo dump` returns -ENOTSUP): checkpoints go on
+    without one, and their restores are checked by architecture alone."""
+    criu = tmp_path / "criu"
+    criu.write_text("#!/bin/sh\nexit 161\n")
+    criu.chmod(0o755)
+    assert engine.cpuinfo_image(str(criu)) is None

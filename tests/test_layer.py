@@ -6,6 +6,7 @@ Needs root (mount, chown, mknod). Test data stays small: the one big file is spa
 import hashlib
 import io
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -797,6 +798,47 @@ def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) ->
     assert stats["removed"] >= 20 and stats["restored"] >= 20
     assert layer.revert_diff(str(tar), str(rootfs), lowers)["removed"] > 0  # idempotent in effect
     _assert_same_tree(rootfs, lower)
+
+
+def test_revert_diff_onto_a_plain_directory_takes_the_kept_image(tmp_path: Path, mounts: list[Path]) -> None:
+    """A rootfs that is no overlay (runc bundles, Docker's vfs driver): keep_image links its image
+    beside it before the diff is laid on, and revert_diff gives the image back from there."""
+    lower = tmp_path / "lower"
+    _populate_lower(lower)
+    _image_extras(lower)
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _change_merged(merged)
+    _change_image_paths(merged)
+    tar = tmp_path / "diff.tar"
+    layer.capture_diff(str(upper), str(tar))
+    rootfs = tmp_path / "rootfs"
+    _fresh_copy(lower, rootfs)
+    assert layer.lowerdirs_of(str(rootfs)) == []
+
+    kept = layer.keep_image(str(rootfs))
+    _assert_same_tree(Path(kept), rootfs)
+    assert Path(kept).parent == tmp_path
+    layer.apply_diff(str(tar), str(rootfs))
+    assert _snapshot(rootfs) == _snapshot(merged)
+    layer.revert_diff(str(tar), str(rootfs), [kept])
+    shutil.rmtree(kept)
+
+    _assert_same_tree(rootfs, lower)
+    assert os.lstat(rootfs / "gone/z").st_nlink == 2
+
+
+def test_keep_image_of_a_mounted_rootfs_fails_and_leaves_nothing(tmp_path: Path, mounts: list[Path]) -> None:
+    """Links cannot leave a filesystem: a rootfs that is a mount of its own cannot be kept so."""
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    _mount("-t", "tmpfs", "tmpfs", str(rootfs))
+    mounts.append(rootfs)
+    _write(rootfs / "bin/tool", "#!/bin/sh\n", 0o755)
+    with pytest.raises(
+        layer.LayerError, match=r"cannot keep the image of .*rootfs \(no overlay\).*Invalid cross-device"
+    ):
+        layer.keep_image(str(rootfs))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs"]
 
 
 def test_revert_diff_over_several_layers(tmp_path: Path, mounts: list[Path]) -> None:

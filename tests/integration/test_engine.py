@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import platform
 import shutil
 import subprocess
 import tarfile
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pycriu.images
 import pytest
 
 from mmshim import engine, layer
@@ -281,13 +283,14 @@ def restore_into(
     job: str,
     settings: Settings,
     out: Drain,
+    checkpoint_id: str | None = None,
 ) -> store_mod.CheckpointInfo | None:
     """engine.restore into a new bundle; the restored job's stdio goes into ``out``."""
     saved = [os.dup(1), os.dup(2)]
     os.dup2(out.w, 1), os.dup2(out.w, 2)  # runc restore hands its stdio to the restored job
     try:
         spec = json.loads((bundle / "config.json").read_text())
-        return engine.restore(runc, cid, str(bundle), None, spec, store, job, settings)
+        return engine.restore(runc, cid, str(bundle), None, spec, store, job, settings, checkpoint_id)
     finally:
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)
         os.close(saved[0]), os.close(saved[1])
@@ -345,6 +348,57 @@ def test_a_file_lock_is_held_again_after_the_restore(
         rootfs = restore_elsewhere(runc, ids, out, new, store, "lock", settings)
         assert not locked(old / "rootfs" / "job.lock")  # its holder is gone with the original
         assert locked(rootfs / "job.lock")
+
+
+def from_another_cpu(
+    store: store_mod.Store, job: str, info: store_mod.CheckpointInfo, tmp_path: Path
+) -> store_mod.CheckpointInfo:
+    """The checkpoint saved again as the job's newest, as if taken on a CPU whose xsave frame is
+    bigger than this host's (one with AVX-512, say): only its cpuinfo.img differs."""
+    copy = tmp_path / f"another-cpu-{info.checkpoint_id}"
+    store.fetch(job, info.checkpoint_id, copy)
+    image = copy / engine.CPUINFO
+    with open(image, "rb") as f:
+        doc = pycriu.images.load(f)
+    cpu = doc["entries"][0]["x86_entry"][0]
+    cpu["xsave_size"] += 64
+    cpu["xsave_size_max"] += 64
+    with open(image, "wb") as f:
+        pycriu.images.dump(doc, f)
+    return store.save(job, copy, info.meta)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_checkpoint_from_another_cpu_is_not_restored(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """A checkpoint describes its host's CPU (runc asks CRIU for no description, mmshim adds it).
+    On restore, one this host's CPU cannot run is passed over before its bulk is fetched and the
+    previous one is restored; it stays good. Were that check skipped, CRIU refuses it itself
+    (cpu-cap in its configuration) and the new bundle is left as it was."""
+    args = ["/bin/memhog", "8", "random"]
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"), restore_stream=stream)
+    with runc_pair(tmp_path, "cpu") as (runc, ids, out):
+        run_bundle(runc, memhog_bundle(tmp_path / "old", memhog, args), ids[0], out)
+        info = engine.checkpoint(runc, ids[0], store, "cpu", {}, settings)
+        assert info.meta["machine"] == platform.machine()
+        foreign = from_another_cpu(store, "cpu", info, tmp_path)
+        at = destroy(runc, ids[0], out)
+        new = memhog_bundle(tmp_path / "new", memhog, args)
+        before = sorted((p, p.read_bytes() if p.is_file() else None) for p in new.rglob("*"))
+        with monkeypatch.context() as m:
+            m.setattr(engine, "cpu_misfit", lambda *a: None)
+            with pytest.raises(engine.EngineError, match=r"CRIU's log: .*CPU xsave size mismatch"):
+                restore_into(runc, ids[1], new, store, "cpu", settings, out, foreign.checkpoint_id)
+        assert sorted((p, p.read_bytes() if p.is_file() else None) for p in new.rglob("*")) == before
+        restored = restore_into(runc, ids[1], new, store, "cpu", settings, out)
+        assert restored is not None and restored.checkpoint_id == info.checkpoint_id
+        continues_from(out, at)
+        assert [(c.checkpoint_id, c.state) for c in store.checkpoints("cpu")] == [
+            (foreign.checkpoint_id, "good"),
+            (info.checkpoint_id, "good"),
+        ]
 
 
 def test_streamed_restore_decodes_recurring_memory_once(

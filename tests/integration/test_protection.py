@@ -16,6 +16,7 @@ from mmshim.demo import expected, workload
 from mmshim.localdocker import IMAGE, Docker
 from mmshim.localdocker import wait_for as poll
 from mmshim.store import CheckpointInfo, Store, open_store
+from tests.integration.test_engine import from_another_cpu
 from tests.services import NO_CRIU_PATH
 
 pytestmark = pytest.mark.integration
@@ -208,6 +209,31 @@ def test_missing_criu_starts_fresh_and_keeps_the_checkpoint(docker: Docker, stor
     assert "CRIU not found: runc would run criu on PATH" in fallback["reason"]
     assert all("CRIU not found" in e["reason"] for e in failed + attempt_2("checkpoint.failed"))
     assert attempt_2("checkpoint.committed") == [] and store.latest_good(job) == kept
+
+
+def test_a_checkpoint_from_another_cpu_starts_fresh_and_stays_good(
+    docker: Docker, store: Store, tmp_path: Path
+) -> None:
+    """Batch retries the job on a host whose CPU cannot run its only checkpoint (taken where the
+    xsave frame is bigger, as with AVX-512): the job starts fresh instead of dying of SIGILL
+    later, the reason says so, and the checkpoint stays good for a host like its own."""
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    original = reclaimed_after_a_checkpoint(docker, store, job)
+    foreign = from_another_cpu(store, job, original, tmp_path)
+    store.delete(job, original.checkpoint_id)
+    second = run_job(docker, job, 2, MMSHIM_INTERVAL="600")
+
+    def attempt_2(name: str) -> list[dict]:
+        return [e for e in store.events(job) if e["attempt"] == 2 and e["event"] == name]
+
+    wait_for(lambda: attempt_2("start"), "the second watcher to start")  # a fresh start
+    assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
+    docker.run("rm", "-f", second)
+    wait_for(lambda: attempt_2("exit"), "the second watcher to see the container go")
+    (fallback,) = attempt_2("restore.fallback")
+    assert f"{foreign.checkpoint_id}: this host's CPU cannot run what was checkpointed" in fallback["reason"]
+    assert "CPU xsave size mismatch" in fallback["reason"]
+    assert [(c.checkpoint_id, c.state) for c in store.checkpoints(job)] == [(foreign.checkpoint_id, "good")]
 
 
 def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> None:
