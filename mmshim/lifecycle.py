@@ -182,13 +182,29 @@ WATCHER_DELAY = 1.0  # seconds before the watcher loads its modules: container s
 def watcher_main() -> None:
     """The detached watcher's first steps, before any heavy import: let go of every inherited fd
     (the container's output ends only when no process holds its pipes), step back in priority,
-    and let the container's start-up have the CPU; then run mmshim.watcher."""
+    read the bundle and the state file while they exist (containerd deletes both with the
+    container, and a job that fails as it starts is gone within the delay), and let the
+    container's start-up have the CPU; then run mmshim.watcher."""
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     os.setpriority(os.PRIO_PROCESS, 0, WATCHER_NICE)
+    inputs = watcher_inputs(sys.argv)
     time.sleep(WATCHER_DELAY)
     from mmshim import watcher
 
-    watcher.main()
+    watcher.main(*inputs)
+
+
+def watcher_inputs(argv: list[str]) -> tuple[Bundle | None, dict | None]:
+    """The bundle and the state file named by start_watcher's arguments; None for what cannot be
+    read now (the watcher tries again, and says why if it cannot either)."""
+    bundle = state = None
+    try:
+        bundle = Bundle.load(argv[argv.index("--bundle") + 1])
+        with open(os.path.join(argv[argv.index("--root") + 1], argv[-1], STATE_FILE)) as f:
+            state = json_loads(f.read())
+    except (ValueError, OSError, IndexError):
+        pass
+    return bundle, state if isinstance(state, dict) else None
 
 
 def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:

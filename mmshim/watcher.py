@@ -60,9 +60,11 @@ class NotProtected(Exception):
 
 
 class Watcher:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self, args: argparse.Namespace, bundle: Bundle | None = None, state: dict | None = None
+    ) -> None:
         self.cid = args.container_id
-        bundle = Bundle.load(args.bundle)
+        bundle = bundle or Bundle.load(args.bundle)
         job = config.job_from_env(bundle.env, config.load_settings())
         if job is None or not job.settings.protect:
             raise NotProtected
@@ -75,8 +77,10 @@ class Watcher:
             events.Recorder(job, self.cid, store).emit("protection.skipped", reason=args.skip)
             raise NotProtected
         self.runc = engine.Runc(args.runc, json.loads(args.global_argv), args.root)
-        with open(os.path.join(args.root, self.cid, STATE_FILE)) as f:
-            self.state = json.load(f)
+        if state is None:
+            with open(os.path.join(args.root, self.cid, STATE_FILE)) as f:
+                state = json.load(f)
+        self.state = state
         self.store = open_store(self.settings.store, **self.settings.store_options)
         self.imds = imds.ImdsClient(self.settings.imds_endpoint)
         info = self.imds.instance_info()
@@ -189,7 +193,8 @@ class Watcher:
             log.info("job succeeded: its checkpoints are deleted (gc reclaims their chunks)")
 
 
-def main() -> None:
+def main(bundle: Bundle | None = None, state: dict | None = None) -> None:
+    """``bundle`` and ``state``: what lifecycle.watcher_main read before they could go."""
     parser = argparse.ArgumentParser()
     for flag in ("--runc", "--root", "--bundle", "--global-argv"):
         parser.add_argument(flag, required=True)
@@ -197,7 +202,7 @@ def main() -> None:
     parser.add_argument("container_id")
     args = parser.parse_args()
     try:
-        Watcher(args).run()
+        Watcher(args, bundle, state).run()
     except NotProtected:
         return
     except Exception:

@@ -297,3 +297,23 @@ def test_launcher_checks_mmshim_runc(tmp_path: Path, runc: str) -> None:
     proc = run_mmshim("--log", str(log), "--log-format", "json", "state", "x", env={"MMSHIM_RUNC": runc})
     assert proc.returncode == 1
     assert runc in json.loads(log.read_text())["msg"]
+
+
+def test_watcher_inputs_are_read_while_they_exist(tmp_path: Path) -> None:
+    """The watcher reads the bundle and its state file before its start-up delay; what is gone
+    already comes back None (the watcher then tries itself and says why it cannot)."""
+    from mmshim.lifecycle import watcher_inputs
+
+    bundle, root = tmp_path / "bundle", tmp_path / "root"
+    bundle.mkdir()
+    (root / "c1").mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps({"process": {"env": ["AWS_BATCH_JOB_ID=j1"]}}))
+    (root / "c1" / "mmshim.json").write_text(json.dumps({"job_id": "j1", "attempt": 2}))
+    argv = ["lifecycle", "--runc", "runc", "--root", str(root), "--bundle", str(bundle), "c1"]
+    got, state = watcher_inputs(argv)
+    assert got is not None and got.env == {"AWS_BATCH_JOB_ID": "j1"}
+    assert state == {"job_id": "j1", "attempt": 2}
+    (root / "c1" / "mmshim.json").unlink()  # a --skip watcher has no state file
+    assert watcher_inputs(argv)[1] is None
+    (bundle / "config.json").unlink()
+    assert watcher_inputs(argv) == (None, None)

@@ -323,6 +323,16 @@ def test_damage_found_while_streaming_restores_previous(docker: Docker, store: S
     assert "restore.fallback" not in events(store, job)
 
 
+def test_a_job_that_ends_at_once_still_shows_its_start_and_exit(docker: Docker, store: Store) -> None:
+    """A job that fails as it starts (a bad parameter, a missing input) is gone, bundle and all,
+    before its watcher has finished loading: the attempt still shows its start and exit code."""
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    assert finish(docker, run_job(docker, job, 1, script="exit 3"))[0] == 3
+    wait_for(lambda: "exit" in events(store, job), "the exit event")
+    assert events(store, job) == ["start", "exit"]
+    assert store.events(job)[-1]["exit_code"] == 3
+
+
 def test_failed_job_keeps_checkpoints(docker: Docker, store: Store) -> None:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     cid = run_job(docker, job, 1, MMSHIM_INTERVAL="1", script="sleep 4; exit 1")
