@@ -966,11 +966,15 @@ def _sample_job(
                    progress_s=last_cp[1])  # fmt: skip
                 progress = last_cp[1]
             else:
-                reason = rng.choice(
+                reason = rng.choice(  # as the runtime words them
                     [
-                        "criu restore failed: exit 1 (see logs/restore.log)",
-                        "checkpoint unusable: chunk missing",
-                        "kernel too old for checkpoint",
+                        "EngineError: runc restore failed (1); CRIU's log: (00.412345) Error "
+                        "(criu/files-reg.c:2173): File /data/ref.fa has bad size 1048576 (expect 2097152)",
+                        "no good checkpoint in the store",
+                        "EngineError: no checkpoint of this job can be restored here: "
+                        f"{last_cp[0]}: this host's CPU cannot run what was checkpointed on a "
+                        "c5.2xlarge; CRIU: Error (criu/arch/x86/cpu.c:274): cpu: CPU xsave size "
+                        "mismatch (2696/832)",
                     ]
                 )
                 ev("restore.fallback", t, checkpoint_id=last_cp[0], reason=reason)
@@ -987,7 +991,9 @@ def _sample_job(
                 if rng.random() < 0.04:
                     ev("checkpoint.started", next_cp, trigger="interval")
                     ev("checkpoint.failed", next_cp + 3, trigger="interval",
-                       reason="criu dump failed: exit 1 (see logs/dump.log)")  # fmt: skip
+                       reason="EngineError: runc checkpoint failed (1); CRIU's log: (00.017025) "
+                              "Error (criu/bfd.c:131): bfd: Error flushing image: No space left on "
+                              "device")  # fmt: skip
                 else:
                     last_cp = _sample_checkpoint(w, rng, job, ev, next_cp, "interval", pages,
                                                  progress + next_cp - run_from, zero)  # fmt: skip
