@@ -24,7 +24,9 @@ in a container of a private dockerd. Measured, for each kind of memory:
   are named); and the time of each to a committed checkpoint against the raw `runc checkpoint`.
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
 each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
-of ratios. Needs root and the host set-up (install/setup-host.sh).
+of ratios: of the medians, and the median of each round's own ratio ("paired": on this noisy VM
+a slow spell then weighs on both sides alike). Needs root and the host set-up
+(install/setup-host.sh).
 """
 
 import json
@@ -87,7 +89,7 @@ def plain_upload(s3: str, images: Path, prefix: str) -> float:
     return time.monotonic() - t0
 
 
-def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
+def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, list[float]]:
     args = ["/bin/memhog", str(MIB), kind]
     job = f"bench-{kind}"
     cid = d.out("run", "-d", "--runtime=runc", "--network", "none", IMAGE, *args).strip()
@@ -132,12 +134,12 @@ def one_kind(d: Docker, state: Path, kind: str, s3: str) -> dict[str, float]:
             for name in ("file", "urgent")[:: 1 if rep % 2 else -1]:
                 ours(name, file_store, urgent=name == "urgent")
         ours("s3", s3_store)
-        r = {k: statistics.median(v) for k, v in runs.items()}
-        ours("file", file_store)  # the base of the second checkpoint below
+        r = {k: list(v) for k, v in runs.items()}
+        ours("file", file_store)  # the base of the second checkpoint below (not a measurement)
         d.run("kill", "-s", "USR1", cid)
         d.wait_logs(cid, "touched 5%")
         info = engine.checkpoint(runc, cid, file_store, job, {"progress_s": 0.0}, settings)
-        r["second_stored"] = info.stored
+        r["second_stored"] = [info.stored]
         with open(Path(runc.state(cid)["bundle"]) / "config.json") as f:
             spec = json.load(f)
         r.update(restore(d, state, args, job, kind, spec))
@@ -233,12 +235,14 @@ FIELDS = {  # restore bench rows <- restore.succeeded fields, fetched first ("0"
 }
 
 
-def restore(d: Docker, state: Path, args: list[str], job: str, kind: str, spec: dict) -> dict[str, float]:
-    """Restores, BENCH_REPS rounds (medians). The baseline: a plain `runc restore -d` from a local
-    directory after a sync (RawContainer). Against it, in the same runc container, mmshim's
-    engine.restore from the file:// store, streamed (page images go into CRIU while they are
-    read and verified) and fetched first; and through dockerd, a retry's `docker run` restoring
-    on create, both ways (its timings from the restore.succeeded event)."""
+def restore(
+    d: Docker, state: Path, args: list[str], job: str, kind: str, spec: dict
+) -> dict[str, list[float]]:
+    """Restores, BENCH_REPS rounds (each list in round order). The baseline: a plain `runc
+    restore -d` from a local directory after a sync (RawContainer). Against it, in the same runc
+    container, mmshim's engine.restore from the file:// store, streamed (page images go into CRIU
+    while they are read and verified) and fetched first; and through dockerd, a retry's `docker
+    run` restoring on create, both ways (its timings from the restore.succeeded event)."""
     runs: dict[str, list[float]] = {}
     raw = RawContainer(state, kind, spec)
     store, raw_job = open_store(f"file://{state / 'store'}"), f"{job}-plain"
@@ -254,7 +258,7 @@ def restore(d: Docker, state: Path, args: list[str], job: str, kind: str, spec: 
             restore_round(d, state, args, job, runs)
     finally:
         raw.close()
-    return {k: statistics.median(v) for k, v in runs.items()}
+    return runs
 
 
 def restore_round(d: Docker, state: Path, args: list[str], job: str, runs: dict[str, list[float]]) -> None:
@@ -273,7 +277,7 @@ def restore_round(d: Docker, state: Path, args: list[str], job: str, runs: dict[
             runs.setdefault(key, []).append(done[-1][field])
 
 
-def staged_layer(d: Docker, state: Path) -> dict[str, float]:
+def staged_layer(d: Docker, state: Path) -> dict[str, list[float]]:
     """Freeze with a big, long-untouched file in the writable layer (see the module docstring)."""
     cid = d.out(
         "run", "-d", "--runtime=runc", "--network", "none", IMAGE, "/bin/memhog", "64", "random"
@@ -315,7 +319,7 @@ def staged_layer(d: Docker, state: Path) -> dict[str, float]:
                     copied = (info.meta["layer"]["copied_later"], info.meta["layer"]["reused"])
                     if copied != expected[key]:  # bytes (copied after the resume, not read)
                         raise RuntimeError(f"the input was not copied as asked: {info.meta['layer']}")
-        return {k: statistics.median(v) for k, v in runs.items()}
+        return runs
     finally:
         d.run("rm", "-f", cid, check=False)
 
@@ -360,8 +364,11 @@ LAYER_LINES = [
 ]
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
-    rows = ["| memory | what | baseline | mmshim | ratio |", "|---|---|---|---|---|"]
+def table(results: dict[str, dict[str, list[float]]]) -> str:
+    """Medians, their ratio, and the median of the ratios within each round (``paired``: both
+    sides measured in the same round, so a slow spell of the VM weighs on both; "-" where one
+    side is measured once)."""
+    rows = ["| memory | what | baseline | mmshim | ratio | paired |", "|---|---|---|---|---|---|"]
     lines = [
         ("checkpoint committed, file:// vs raw runc checkpoint to disk", "raw_checkpoint", "file_checkpoint"),
         ("checkpoint committed, file:// vs raw runc checkpoint, then sync", "raw_durable", "file_checkpoint"),
@@ -390,9 +397,13 @@ def table(results: dict[str, dict[str, float]]) -> str:
     ]
     for kind, r in results.items():
         for what, base_key, ours_key in LAYER_LINES if kind.endswith("layer") else lines:
-            base, ours = r[base_key], r[ours_key]
+            bases, ourses = r[base_key], r[ours_key]
+            base, ours = statistics.median(bases), statistics.median(ourses)
+            paired = "-"
+            if len(bases) == len(ourses) > 1:
+                paired = f"{statistics.median(o / b for b, o in zip(bases, ourses, strict=True)):.3f}"
             unit = (lambda v: f"{v / 2**20:.1f} MiB") if "bytes" in what else (lambda v: f"{v:.2f} s")
-            rows.append(f"| {kind} | {what} | {unit(base)} | {unit(ours)} | {ours / base:.3f} |")
+            rows.append(f"| {kind} | {what} | {unit(base)} | {unit(ours)} | {ours / base:.3f} | {paired} |")
     return "\n".join(rows)
 
 
