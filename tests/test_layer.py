@@ -773,8 +773,8 @@ def _change_image_paths(m: Path) -> None:
     os.chmod(m, 0o700)
 
 
-def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) -> None:
-    """Checkpoint diff laid on a fresh overlay of the image, then reverted: the image, exactly."""
+def _image_and_its_diff(tmp_path: Path, mounts: list[Path]) -> tuple[Path, Path, Path]:
+    """An image (lower) changed in every way through an overlay: (lower, merged view, diff tar)."""
     lower = tmp_path / "lower"
     _populate_lower(lower)
     _image_extras(lower)
@@ -783,6 +783,12 @@ def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) ->
     _change_image_paths(merged)
     tar = tmp_path / "diff.tar"
     layer.capture_diff(str(upper), str(tar))
+    return lower, merged, tar
+
+
+def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) -> None:
+    """Checkpoint diff laid on a fresh overlay of the image, then reverted: the image, exactly."""
+    lower, merged, tar = _image_and_its_diff(tmp_path, mounts)
     _, upper2, rootfs = _overlay(tmp_path, mounts, suffix="2")
     layer.apply_diff(str(tar), str(rootfs))
     assert _snapshot(rootfs) == _snapshot(merged)
@@ -803,14 +809,7 @@ def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) ->
 def test_revert_diff_onto_a_plain_directory_takes_the_kept_image(tmp_path: Path, mounts: list[Path]) -> None:
     """A rootfs that is no overlay (runc bundles, Docker's vfs driver): keep_image links its image
     beside it before the diff is laid on, and revert_diff gives the image back from there."""
-    lower = tmp_path / "lower"
-    _populate_lower(lower)
-    _image_extras(lower)
-    _, upper, merged = _overlay(tmp_path, mounts)
-    _change_merged(merged)
-    _change_image_paths(merged)
-    tar = tmp_path / "diff.tar"
-    layer.capture_diff(str(upper), str(tar))
+    lower, merged, tar = _image_and_its_diff(tmp_path, mounts)
     rootfs = tmp_path / "rootfs"
     _fresh_copy(lower, rootfs)
     assert layer.lowerdirs_of(str(rootfs)) == []

@@ -205,19 +205,21 @@ def test_a_full_disk_at_restore_starts_fresh_and_keeps_the_checkpoint(
             continues_from(out, at)
             return
 
-        def contents() -> list[tuple[Path, bytes | None]]:
-            return [(p, p.read_bytes() if p.is_file() else None) for p in sorted(new.rglob("*"))]
-
-        before = contents()
+        before = contents(new)
         with pytest.raises(store_mod.StoreError, match="No space left on device"):
             restore_into(runc, ids[1], new, store, "full", small, out)
-        assert contents() == before
+        assert contents(new) == before
         assert list(small_tmpfs.iterdir()) == []
         assert [(c.checkpoint_id, c.state) for c in store.checkpoints("full")] == [
             (info.checkpoint_id, "good")
         ]
         assert restore_into(runc, ids[1], new, store, "full", settings, out) is not None
         continues_from(out, at)
+
+
+def contents(bundle: Path) -> list[tuple[Path, bytes | None]]:
+    """Every path under a bundle with a file's bytes: what a failed restore must leave as it was."""
+    return [(p, p.read_bytes() if p.is_file() else None) for p in sorted(bundle.rglob("*"))]
 
 
 def counts(out: Drain) -> list[int]:
@@ -386,12 +388,12 @@ def test_a_checkpoint_from_another_cpu_is_not_restored(
         foreign = from_another_cpu(store, "cpu", info, tmp_path)
         at = destroy(runc, ids[0], out)
         new = memhog_bundle(tmp_path / "new", memhog, args)
-        before = sorted((p, p.read_bytes() if p.is_file() else None) for p in new.rglob("*"))
+        before = contents(new)
         with monkeypatch.context() as m:
             m.setattr(engine, "cpu_misfit", lambda *a: None)
             with pytest.raises(engine.EngineError, match=r"CRIU's log: .*CPU xsave size mismatch"):
                 restore_into(runc, ids[1], new, store, "cpu", settings, out, foreign.checkpoint_id)
-        assert sorted((p, p.read_bytes() if p.is_file() else None) for p in new.rglob("*")) == before
+        assert contents(new) == before
         restored = restore_into(runc, ids[1], new, store, "cpu", settings, out)
         assert restored is not None and restored.checkpoint_id == info.checkpoint_id
         continues_from(out, at)

@@ -53,6 +53,11 @@ def events(store: Store, job_id: str) -> list[str]:
     return [e["event"] for e in store.events(job_id)]
 
 
+def events_of(store: Store, job_id: str, attempt: int, name: str) -> list[dict]:
+    """The job's events of one name from one attempt."""
+    return [e for e in store.events(job_id) if e["attempt"] == attempt and e["event"] == name]
+
+
 def finish(docker: Docker, cid: str) -> tuple[int, str]:
     code = int(docker.out("wait", cid).strip())
     return code, docker.out("logs", cid)
@@ -199,7 +204,7 @@ def test_missing_criu_starts_fresh_and_keeps_the_checkpoint(docker: Docker, stor
     second = run_job(docker, job, 2, docker_args=("--runtime=mmshim-nocriu",), MMSHIM_INTERVAL="1")
 
     def attempt_2(name: str) -> list[dict]:
-        return [e for e in store.events(job) if e["attempt"] == 2 and e["event"] == name]
+        return events_of(store, job, 2, name)
 
     failed = wait_for(lambda: attempt_2("checkpoint.failed"), "an interval checkpoint to fail")
     assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
@@ -224,7 +229,7 @@ def test_a_checkpoint_from_another_cpu_starts_fresh_and_stays_good(
     second = run_job(docker, job, 2, MMSHIM_INTERVAL="600")
 
     def attempt_2(name: str) -> list[dict]:
-        return [e for e in store.events(job) if e["attempt"] == 2 and e["event"] == name]
+        return events_of(store, job, 2, name)
 
     wait_for(lambda: attempt_2("start"), "the second watcher to start")  # a fresh start
     assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
