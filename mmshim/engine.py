@@ -415,6 +415,7 @@ def restore(
     checkpoint_id: str | None = None,
     progress: Callable[[int], None] | None = None,
     timings: dict[str, float] | None = None,
+    unfit: dict[str, str] | None = None,
 ) -> CheckpointInfo | None:
     """Restore the job's newest good checkpoint in place of `runc create`; None: nothing to restore.
 
@@ -425,8 +426,9 @@ def restore(
     `runc restore` as they download; a damaged chunk found then fails that restore, marks its
     checkpoint bad and the previous one is tried, as a damage found by a fetch would be. A
     checkpoint this host cannot run (cpu_misfit) is passed over before its bulk is fetched, and
-    left good; when no other is left, EngineError says why. On any failure the bundle's rootfs
-    and config are put back as they were, so a plain create can follow.
+    left good (``unfit`` gets its id and why); when no other is left, EngineError says why. On
+    any failure the bundle's rootfs and config are put back as they were, so a plain create can
+    follow.
     """
     criu = criu_of(runc)
     stream = settings.restore_stream and streamer.supported(criu)
@@ -434,7 +436,7 @@ def restore(
         log.info("%s cannot stream images to runc (install/criu-rpc-stream.patch): fetching first", criu)
     timings = {} if timings is None else timings
     tried: set[str] = set()
-    unfit: dict[str, str] = {}  # checkpoints this host cannot run, and why
+    unfit = {} if unfit is None else unfit
 
     def attempt() -> CheckpointInfo | None:
         t0 = time.monotonic()

@@ -238,8 +238,18 @@ def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
     try:
         r = engine.Runc(runc, inv.global_argv, inv.root)
         timings: dict[str, float] = {}
+        unfit: dict[str, str] = {}  # checkpoints passed over: this host cannot run them
         info = engine.restore(
-            r, cid, inv.bundle, inv.pid_file, bundle.spec, st, job.job_id, job.settings, timings=timings
+            r,
+            cid,
+            inv.bundle,
+            inv.pid_file,
+            bundle.spec,
+            st,
+            job.job_id,
+            job.settings,
+            timings=timings,
+            unfit=unfit,
         )
     except Exception as exc:
         log.exception("restore failed; starting fresh")
@@ -256,6 +266,7 @@ def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:
         progress_s=progress,
         streamed=bool(info.deferred),  # page images went into CRIU while they downloaded
         **timings,
+        **({"passed_over": unfit} if unfit else {}),
     )
     with open(os.path.join(state_dir(inv), RESTORED_MARK), "w") as f:
         f.write(info.checkpoint_id)

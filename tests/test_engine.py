@@ -207,7 +207,14 @@ class RestoringRunc(engine.Runc):
         self.options.append(Path(conf).read_text().split())
 
 
-def restore_on_this_cpu(monkeypatch, bundle, tmp_path, store: FakeStore, checkpoint_id: str | None = None):
+def restore_on_this_cpu(
+    monkeypatch,
+    bundle,
+    tmp_path,
+    store: FakeStore,
+    checkpoint_id: str | None = None,
+    unfit: dict | None = None,
+):
     monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs: None)
     monkeypatch.setattr(engine.platform, "machine", lambda: "x86_64")
     criu = tmp_path / "criu"
@@ -216,7 +223,9 @@ def restore_on_this_cpu(monkeypatch, bundle, tmp_path, store: FakeStore, checkpo
     runc = RestoringRunc(str(criu), str(tmp_path))
     settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
     path, spec = bundle
-    return runc, engine.restore(runc, "c1", path, None, spec, store, "job", settings, checkpoint_id)
+    return runc, engine.restore(
+        runc, "c1", path, None, spec, store, "job", settings, checkpoint_id, unfit=unfit
+    )
 
 
 def test_a_checkpoint_this_cpu_cannot_run_is_passed_over_and_kept(monkeypatch, bundle, tmp_path) -> None:
@@ -224,8 +233,9 @@ def test_a_checkpoint_this_cpu_cannot_run_is_passed_over_and_kept(monkeypatch, b
     cpuinfo.img refuses it before its bulk is fetched, and the previous one is restored, CRIU
     told to check the CPU again. The newest is not marked bad: a host like its own can use it."""
     store = FakeStore(["new", "old"], marks=True, cpus={"new": "avx512", "old": "avx2"})
-    runc, info = restore_on_this_cpu(monkeypatch, bundle, tmp_path, store)
+    runc, info = restore_on_this_cpu(monkeypatch, bundle, tmp_path, store, unfit=(unfit := {}))
     assert info is not None and info.checkpoint_id == "old"
+    assert unfit == {"new": f"this host's CPU cannot run what was checkpointed; {XSAVE}"}
     assert store.fetched == ["old"] and store.ids == ["new", "old"]
     assert runc.options == [["tcp-close", f"cpu-cap={engine.CPU_CAP}"]]
 

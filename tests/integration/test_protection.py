@@ -241,6 +241,22 @@ def test_a_checkpoint_from_another_cpu_starts_fresh_and_stays_good(
     assert [(c.checkpoint_id, c.state) for c in store.checkpoints(job)] == [(foreign.checkpoint_id, "good")]
 
 
+def test_an_older_checkpoint_this_cpu_can_run_is_restored(
+    docker: Docker, store: Store, tmp_path: Path
+) -> None:
+    """The newest checkpoint came from a host with another CPU, the one before from a host like
+    this: that one is restored, and the event names the checkpoint passed over and why."""
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    original = reclaimed_after_a_checkpoint(docker, store, job)
+    foreign = from_another_cpu(store, job, original, tmp_path)
+    code, out = finish(docker, run_job(docker, job, 2))
+    assert code == 0 and out.splitlines()[-2:] == expected(40)  # resumed, not restarted
+    (done,) = events_of(store, job, 2, "restore.succeeded")
+    assert done["checkpoint_id"] == original.checkpoint_id
+    assert list(done["passed_over"]) == [foreign.checkpoint_id]
+    assert "CPU xsave size mismatch" in done["passed_over"][foreign.checkpoint_id]
+
+
 def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> None:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     cid = run_job(docker, job, 1, MMSHIM_PROTECT="0", MMSHIM_INTERVAL="1", script="sleep 3; echo ok")
