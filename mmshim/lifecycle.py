@@ -67,21 +67,23 @@ FALSE = ("0", "false", "no", "off")
 class Bundle:
     """What mmshim needs from an OCI bundle, read once at `create` (no dataclass: hot path)."""
 
-    def __init__(self, path: str, spec: dict) -> None:
+    def __init__(self, path: str, spec: dict, text: str = "") -> None:
         self.path = path
         self.spec = spec
+        self.text = text  # config.json as read: the watcher gets it through a pipe
 
     @classmethod
     def load(cls, path: str) -> "Bundle":
         config = os.path.join(path, "config.json")
         try:
             with open(config, encoding="utf-8") as f:
-                spec = json_loads(f.read())
+                text = f.read()
+            spec = json_loads(text)
         except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"cannot read bundle config {config}: {exc}") from exc
         if not isinstance(spec, dict):
             raise ValueError(f"bundle config {config} is not a JSON object")
-        return cls(path, spec)
+        return cls(path, spec, text)
 
     @property
     def env(self) -> dict[str, str]:
@@ -123,7 +125,7 @@ def create(inv: Invocation, runc: str) -> None:
     if identity is None or protection_off(env):
         exec_runc(runc, inv.argv)
     if bundle.terminal:  # the watcher logs it once and records it in the job's events
-        start_watcher(inv, runc, skip="the container has a TTY, which a restore cannot give back")
+        start_watcher(inv, runc, bundle, skip="the container has a TTY, which a restore cannot give back")
         exec_runc(runc, inv.argv)
     job_id, attempt = identity
     state = {"job_id": job_id, "attempt": attempt, "restored": None, "progress_base": 0.0}
@@ -137,10 +139,11 @@ def create(inv: Invocation, runc: str) -> None:
         if status != 0:
             raise SystemExit(status)
     try:
+        state["started"] = time.time()
         os.makedirs(state_dir(inv), exist_ok=True)
         with open(os.path.join(state_dir(inv), STATE_FILE), "w") as f:
-            f.write(json_dumps({**state, "started": time.time()}))
-        start_watcher(inv, runc)
+            f.write(json_dumps(state))
+        start_watcher(inv, runc, bundle, state)
     except OSError as exc:  # the container runs; only its protection is lost
         report_error(inv, f"watcher not started, container not protected: {exc}")
     raise SystemExit(0)
@@ -152,11 +155,18 @@ def spawn_wait(argv: list[str]) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def start_watcher(inv: Invocation, runc: str, skip: str | None = None) -> None:
-    """Detached: own session, stdio on /dev/null; `watcher_main` below closes every other fd.
+def start_watcher(
+    inv: Invocation, runc: str, bundle: Bundle, state: dict | None = None, skip: str | None = None
+) -> None:
+    """Detached: own session, stdout and stderr on /dev/null; `watcher_main` below closes every
+    other fd. Its stdin is a pipe that carries mmshim's state and the bundle's config.json
+    (watcher_inputs): containerd deletes both files with the container, and a job that fails as
+    it starts is gone before the watcher could read them.
 
     With `skip`, the watcher only records why the container is not protected, and ends."""
-    devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    r, w = os.pipe()
+    stdio = [(os.POSIX_SPAWN_DUP2, r, 0)]
+    stdio += [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (1, 2)]
     argv = [
         sys.executable,
         "-m",
@@ -172,7 +182,19 @@ def start_watcher(inv: Invocation, runc: str, skip: str | None = None) -> None:
         *(["--skip", skip] if skip else []),
         str(inv.container_id),
     ]
-    os.posix_spawn(sys.executable, argv, os.environ, file_actions=devnull, setsid=True)
+    try:
+        os.posix_spawn(sys.executable, argv, os.environ, file_actions=stdio, setsid=True)
+        os.close(r)
+        r = -1
+        payload = (json_dumps(state) + "\n" + bundle.text).encode()
+        with open(w, "wb", closefd=False) as pipe:  # blocks only past the pipe's 64 KiB
+            pipe.write(payload)
+    except BrokenPipeError:  # the watcher is gone already: it reads the files itself, or says why
+        pass
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)
 
 
 WATCHER_NICE = 10  # the watcher's priority between checkpoints (it checkpoints at normal priority)
@@ -182,29 +204,33 @@ WATCHER_DELAY = 1.0  # seconds before the watcher loads its modules: container s
 def watcher_main() -> None:
     """The detached watcher's first steps, before any heavy import: let go of every inherited fd
     (the container's output ends only when no process holds its pipes), step back in priority,
-    read the bundle and the state file while they exist (containerd deletes both with the
-    container, and a job that fails as it starts is gone within the delay), and let the
+    take the bundle and the state from the runtime's pipe (start_watcher), and let the
     container's start-up have the CPU; then run mmshim.watcher."""
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     os.setpriority(os.PRIO_PROCESS, 0, WATCHER_NICE)
-    inputs = watcher_inputs(sys.argv)
+    with open(0, "rb", closefd=False) as pipe:
+        inputs = watcher_inputs(pipe.read(), sys.argv[sys.argv.index("--bundle") + 1])
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     time.sleep(WATCHER_DELAY)
     from mmshim import watcher
 
     watcher.main(*inputs)
 
 
-def watcher_inputs(argv: list[str]) -> tuple[Bundle | None, dict | None]:
-    """The bundle and the state file named by start_watcher's arguments; None for what cannot be
-    read now (the watcher tries again, and says why if it cannot either)."""
-    bundle = state = None
+def watcher_inputs(payload: bytes, bundle_path: str) -> tuple[Bundle | None, dict | None]:
+    """The state (None for a `skip` watcher) and the bundle that start_watcher sent: its state as
+    one JSON line, then config.json; (None, None) for anything else (the watcher then reads the
+    files itself, and says why if they are gone)."""
+    head, _, text = payload.decode("utf-8", "replace").partition("\n")
     try:
-        bundle = Bundle.load(argv[argv.index("--bundle") + 1])
-        with open(os.path.join(argv[argv.index("--root") + 1], argv[-1], STATE_FILE)) as f:
-            state = json_loads(f.read())
-    except (ValueError, OSError, IndexError):
-        pass
-    return bundle, state if isinstance(state, dict) else None
+        state, spec = json_loads(head), json_loads(text)
+    except ValueError:
+        return None, None
+    if not isinstance(spec, dict) or not isinstance(state, dict | None):
+        return None, None
+    return Bundle(bundle_path, spec, text), state
 
 
 def restore_in_place(inv: Invocation, runc: str, bundle: Bundle) -> dict:

@@ -299,21 +299,17 @@ def test_launcher_checks_mmshim_runc(tmp_path: Path, runc: str) -> None:
     assert runc in json.loads(log.read_text())["msg"]
 
 
-def test_watcher_inputs_are_read_while_they_exist(tmp_path: Path) -> None:
-    """The watcher reads the bundle and its state file before its start-up delay; what is gone
-    already comes back None (the watcher then tries itself and says why it cannot)."""
-    from mmshim.lifecycle import watcher_inputs
+def test_watcher_inputs_come_through_the_runtimes_pipe() -> None:
+    """The runtime sends the watcher its state and the bundle's config.json (both deleted with the
+    container); anything else gives (None, None), and the watcher reads the files itself."""
+    from mmshim.lifecycle import json_dumps, watcher_inputs
 
-    bundle, root = tmp_path / "bundle", tmp_path / "root"
-    bundle.mkdir()
-    (root / "c1").mkdir(parents=True)
-    (bundle / "config.json").write_text(json.dumps({"process": {"env": ["AWS_BATCH_JOB_ID=j1"]}}))
-    (root / "c1" / "mmshim.json").write_text(json.dumps({"job_id": "j1", "attempt": 2}))
-    argv = ["lifecycle", "--runc", "runc", "--root", str(root), "--bundle", str(bundle), "c1"]
-    got, state = watcher_inputs(argv)
-    assert got is not None and got.env == {"AWS_BATCH_JOB_ID": "j1"}
-    assert state == {"job_id": "j1", "attempt": 2}
-    (root / "c1" / "mmshim.json").unlink()  # a --skip watcher has no state file
-    assert watcher_inputs(argv)[1] is None
-    (bundle / "config.json").unlink()
-    assert watcher_inputs(argv) == (None, None)
+    config = json.dumps({"process": {"env": ["AWS_BATCH_JOB_ID=j1"]}})
+    state = {"job_id": "j1", "attempt": 2, "restored": None, "progress_base": 0.0, "started": 1.5}
+    bundle, got = watcher_inputs((json_dumps(state) + "\n" + config).encode(), "/b")
+    assert bundle is not None and (bundle.path, bundle.env) == ("/b", {"AWS_BATCH_JOB_ID": "j1"})
+    assert got == state
+    bundle, got = watcher_inputs(("null\n" + config).encode(), "/b")  # a --skip watcher: no state
+    assert bundle is not None and got is None
+    for payload in (b"", b"null\n", b"{}\n[1]", b"\xff\xfe"):  # the runtime died before it wrote
+        assert watcher_inputs(payload, "/b") == (None, None)
