@@ -189,7 +189,7 @@ def start_watcher(
         payload = (json_dumps(state) + "\n" + bundle.text).encode()
         with open(w, "wb", closefd=False) as pipe:  # blocks only past the pipe's 64 KiB
             pipe.write(payload)
-    except BrokenPipeError:  # the watcher is gone already: it reads the files itself, or says why
+    except BrokenPipeError:  # the watcher died before it read: nothing is left to tell
         pass
     finally:
         os.close(w)
