@@ -125,7 +125,10 @@ def create(inv: Invocation, runc: str) -> None:
     if identity is None or protection_off(env):
         exec_runc(runc, inv.argv)
     if bundle.terminal:  # the watcher logs it once and records it in the job's events
-        start_watcher(inv, runc, bundle, skip="the container has a TTY, which a restore cannot give back")
+        try:
+            start_watcher(inv, runc, bundle, skip="the container has a TTY, which a restore cannot give back")
+        except OSError as exc:  # only the record of why it is not protected is lost
+            report_error(inv, f"watcher not started: {exc}")
         exec_runc(runc, inv.argv)
     job_id, attempt = identity
     state = {"job_id": job_id, "attempt": attempt, "restored": None, "progress_base": 0.0}

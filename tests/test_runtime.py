@@ -313,3 +313,34 @@ def test_watcher_inputs_come_through_the_runtimes_pipe() -> None:
     assert bundle is not None and got is None
     for payload in (b"", b"null\n", b"{}\n[1]", b"\xff\xfe"):  # the runtime died before it wrote
         assert watcher_inputs(payload, "/b") == (None, None)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_a_watcher_that_cannot_be_started_never_fails_the_create(
+    tmp_path: Path, monkeypatch, capsys, tty: bool
+) -> None:
+    """No process to spare (posix_spawn fails): the container is created all the same, by runc,
+    and the error says the watcher is missing."""
+    from mmshim import lifecycle
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    env = ["AWS_BATCH_JOB_ID=j1", "AWS_BATCH_JOB_ATTEMPT=1"]
+    (bundle / "config.json").write_text(json.dumps({"process": {"terminal": tty, "env": env}}))
+    ran: list[list[str]] = []
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    def exec_runc(runc: str, argv: list[str]) -> None:
+        ran.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(lifecycle.os, "posix_spawn", no_process)
+    monkeypatch.setattr(lifecycle, "exec_runc", exec_runc)
+    monkeypatch.setattr(lifecycle, "spawn_wait", lambda argv: ran.append(argv[1:]) or 0)
+    argv = ["--root", str(tmp_path / "root"), "create", "--bundle", str(bundle), "c1"]
+    with pytest.raises(SystemExit) as done:
+        lifecycle.create(parse(argv), "/usr/sbin/runc")
+    assert done.value.code == 0 and ran == [argv]
+    assert "mmshim: watcher not started" in capsys.readouterr().err
