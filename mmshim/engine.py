@@ -165,14 +165,21 @@ def cpuinfo_image(criu: str) -> bytes | None:
     here (once per process: the CPU does not change under a running watcher); None where CRIU
     has no such description (aarch64: it exits with -ENOTSUP)."""
     with tempfile.TemporaryDirectory(prefix="mmshim-cpu-") as d:
-        argv = [criu, "cpuinfo", "dump", f"--cpu-cap={CPU_CAP}", "--images-dir", d, "--log-file", "-"]
-        r = subprocess.run(argv, capture_output=True, text=True)
-        if r.returncode == 256 - errno.ENOTSUP:
+        status, said = criu_cpuinfo(criu, "dump", Path(d))
+        if status == 256 - errno.ENOTSUP:
             return None
-        if r.returncode != 0:  # a log file "-" is CRIU's stdout
-            raise EngineError(f"criu cpuinfo dump failed ({r.returncode}): {(r.stdout + r.stderr).strip()}")
+        if status != 0:
+            raise EngineError(f"criu cpuinfo dump failed ({status}): {said}")
         image = Path(d, "cpuinfo.img")
         return image.read_bytes() if image.exists() else None
+
+
+def criu_cpuinfo(criu: str, action: str, images: Path) -> tuple[int, str]:
+    """`criu cpuinfo dump|check` with CPU_CAP on an images dir: its exit status and what it logged
+    (a log file "-" is CRIU's stdout)."""
+    argv = [criu, "cpuinfo", action, f"--cpu-cap={CPU_CAP}", "--images-dir", str(images), "--log-file", "-"]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    return r.returncode, (r.stdout + r.stderr).strip()
 
 
 def cpu_misfit(criu: str, images: Path, meta: dict) -> str | None:
@@ -187,12 +194,10 @@ def cpu_misfit(criu: str, images: Path, meta: dict) -> str | None:
         return f"taken on {there}{on}, this host is {here}"
     if not (images / "cpuinfo.img").exists():
         return None  # taken before checkpoints described their CPU: unchecked, as before
-    argv = [criu, "cpuinfo", "check", f"--cpu-cap={CPU_CAP}", "--images-dir", str(images), "--log-file", "-"]
-    r = subprocess.run(argv, capture_output=True, text=True)
-    if r.returncode == 0:
+    status, said = criu_cpuinfo(criu, "check", images)
+    if status == 0:
         return None
-    said = r.stdout + r.stderr  # a log file "-" is CRIU's stdout
-    errors = [line.strip() for line in said.splitlines() if "Error (" in line] or [said.strip()]
+    errors = [line.strip() for line in said.splitlines() if "Error (" in line] or [said]
     return f"this host's CPU cannot run what was checkpointed{on}; CRIU: {' | '.join(errors)}"
 
 
