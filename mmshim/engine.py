@@ -498,9 +498,10 @@ def restore(
                 kept = layer.keep_image(rootfs)
                 lowers = [kept]
             applied = True
-            layer.apply_diff(str(dest / LAYER_TAR), rootfs)
+            # The archives are consumed: the layer needs room once, not twice, on the host's disk.
+            layer.apply_diff(str(dest / LAYER_TAR), rootfs, consume=True)
             for i, mount in enumerate(info.meta.get("mounts") or ()):
-                layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount])
+                layer.apply_tree(str(dest / "mounts" / f"{i}.tar"), sources[mount], consume=True)
             criu_options = ["tcp-close"] if settings.tcp == "close" else []
             criu_options += ["stream"] if info.deferred else []
             criu_options += [f"cpu-cap={CPU_CAP}"] if (dest / CPUINFO).exists() else []

@@ -44,6 +44,7 @@ back through the same mount (the layers from lowerdirs_of), so the job can start
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 BLOCK = 512
@@ -63,6 +64,9 @@ _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _FLUSH_AT = 1 << 20  # buffered header/small-file bytes before one write()
 _SMALL_FILE = 256 << 10  # files up to this size are read into the buffer, larger ones sendfile()d
 _COPY_CHUNK = 1 << 30
+# A consumed archive (apply's ``consume``) loses each member's data this often while it is copied,
+# so that the archive and what it is extracted into never both hold a big file.
+_CONSUME_STEP = 8 << 20
 _MAX_PINNED = 256  # files whose copy waits for the resume, each an open fd; the rest are copied frozen
 _SPARSE_NAME = b"./GNUSparseFile.0/sparse"  # ustar name of sparse entries; the real one is in pax
 
@@ -964,13 +968,34 @@ def _copy(
         count -= n
 
 
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    import ctypes  # here: only a restore's apply needs it
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).fallocate
+    except AttributeError:  # not Linux
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free a copied range of a consumed archive. Bytes outside it (the headers) are untouched;
+    where the file system cannot punch holes, the data simply stays."""
+    if (call := _fallocate()) is not None:
+        call(fd, 3, offset, length)  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
 class _Applier:
     """Applies validated steps under rootfd, one O_NOFOLLOW walk per parent directory."""
 
-    def __init__(self, rootfd: int, rawfd: int, dest: str) -> None:
+    def __init__(self, rootfd: int, rawfd: int, dest: str, consume: bool) -> None:
         self.rootfd = rootfd
         self.rawfd = rawfd
         self.dest = dest
+        self.consume = consume
         self.cached: tuple[tuple[str, ...], int] | None = None
         self.dir_times: list[tuple[tuple[str, ...], int]] = []
         self.stats = {"files": 0, "bytes": 0, "deletions": 0, "xattrs_skipped": 0}
@@ -1109,15 +1134,27 @@ class _Applier:
     def write_data(self, fd: int, m: tarfile.TarInfo) -> int:
         """Copy a member's data from the raw archive; sparse members get their holes back."""
         if m.sparse is None:
-            _copy(self.rawfd, m.offset_data, fd, 0, m.size)
+            self.copy(m.offset_data, fd, 0, m.size, m.offset_data)
             return m.size
         pos = m.offset_data
         for offset, length in m.sparse:
             if length:
-                _copy(self.rawfd, pos, fd, offset, length)
+                self.copy(pos, fd, offset, length, m.offset_data)
             pos += length
         os.ftruncate(fd, m.size)
         return pos - m.offset_data
+
+    def copy(self, src_off: int, dst: int, dst_off: int, count: int, start: int) -> None:
+        """_copy from the archive; consuming it, punch out all of the member copied so far (from
+        ``start``) after each step: one range, so no block between two steps stays allocated."""
+        if not self.consume:
+            _copy(self.rawfd, src_off, dst, dst_off, count)
+            return
+        while count > 0:
+            n = min(count, _CONSUME_STEP)
+            _copy(self.rawfd, src_off, dst, dst_off, n)
+            src_off, dst_off, count = src_off + n, dst_off + n, count - n
+            _punch(self.rawfd, start, src_off - start)
 
     def set_dir_times(self) -> None:
         for parts, mtime in reversed(self.dir_times):  # deepest first; utime leaves the parent alone
@@ -1143,15 +1180,15 @@ def _read_plan(tar_path: str, diff: bool) -> list[_Step]:
         raise LayerError(f"{tar_path}: {e}") from e
 
 
-def _apply(tar_path: str, dest: str, diff: bool, clear: bool = False) -> dict:
+def _apply(tar_path: str, dest: str, diff: bool, clear: bool, consume: bool) -> dict:
     steps = _read_plan(tar_path, diff)
-    rawfd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
+    rawfd = os.open(tar_path, (os.O_RDWR if consume else os.O_RDONLY) | os.O_CLOEXEC)
     try:
         rootfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         os.close(rawfd)
         raise LayerError(f"cannot open destination {dest}: {e}") from e
-    applier = _Applier(rootfd, rawfd, dest)
+    applier = _Applier(rootfd, rawfd, dest, consume)
     step = None
     try:
         if clear:
@@ -1176,26 +1213,28 @@ def _apply(tar_path: str, dest: str, diff: bool, clear: bool = False) -> dict:
     return applier.stats
 
 
-def apply_diff(tar_path: str, rootfs: str) -> dict:
+def apply_diff(tar_path: str, rootfs: str, consume: bool = False) -> dict:
     """Lay a capture_diff archive onto a rootfs directory (a fresh copy of the same image).
 
     Deletions go first (a whiteout removes the path, an opaque marker empties the directory), then
     entries with their owners, modes, xattrs and mtimes; an existing non-directory is replaced,
     never written through. Hostile archives are refused with LayerError before anything is
     written where the paths themselves are bad, and at the entry that would pass through a symlink
-    otherwise. Returns {files, bytes, deletions, xattrs_skipped}.
+    otherwise. ``consume``: the archive is scratch, its data is punched out as it is copied (a
+    restore then needs room for the layer once, not twice); its headers stay, for revert_diff.
+    Returns {files, bytes, deletions, xattrs_skipped}.
     """
-    return _apply(tar_path, rootfs, diff=True)
+    return _apply(tar_path, rootfs, diff=True, clear=False, consume=consume)
 
 
-def apply_tree(tar_path: str, dest: str, clear: bool = False) -> dict:
+def apply_tree(tar_path: str, dest: str, clear: bool = False, consume: bool = False) -> dict:
     """Refill a directory (the new /dev/shm, a bind-mount source) from a capture_tree archive.
 
     Same safety rules as apply_diff; `.wh.` names are plain files here. Existing entries not in
     the archive are kept unless clear=True, which empties dest first (a host directory may hold
-    data that is not ours to delete).
+    data that is not ours to delete). ``consume`` as for apply_diff.
     """
-    return _apply(tar_path, dest, diff=False, clear=clear)
+    return _apply(tar_path, dest, diff=False, clear=clear, consume=consume)
 
 
 # ---------------------------------------------------------------------------------------- revert

@@ -53,7 +53,7 @@ def bundle(tmp_path: Path) -> tuple[str, dict]:
 def restore_with_damage(monkeypatch, bundle, store: FakeStore, tmp_path: Path):
     """Every runc restore finds its checkpoint damaged (as the streamer would report it)."""
 
-    def apply_diff(tar: str, rootfs: str) -> None:
+    def apply_diff(tar: str, rootfs: str, consume: bool) -> None:
         cid = store.fetched[-1]
         store.damaged(cid)
         raise CheckpointUnusable(f"checkpoint {cid}: chunk is corrupt")
@@ -131,7 +131,7 @@ def test_a_failed_restore_says_what_criu_logged(monkeypatch, bundle, tmp_path) -
     fake = tmp_path / "runc"
     fake.write_text(FAILING_RUNC)
     fake.chmod(0o755)
-    monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs: None)
+    monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs, consume: None)
     runc = engine.Runc(str(fake), ["--criu", "/bin/true"], str(tmp_path))
     settings = Settings(workdir=str(tmp_path / "work"), restore_stream=False)
     store = FakeStore(["new", "old"], marks=True)
@@ -215,7 +215,7 @@ def restore_on_this_cpu(
     checkpoint_id: str | None = None,
     unfit: dict | None = None,
 ):
-    monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs: None)
+    monkeypatch.setattr(engine.layer, "apply_diff", lambda tar, rootfs, consume: None)
     monkeypatch.setattr(engine.platform, "machine", lambda: "x86_64")
     criu = tmp_path / "criu"
     criu.write_text(CPU_CHECKING_CRIU)

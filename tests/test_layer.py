@@ -773,14 +773,17 @@ def _change_image_paths(m: Path) -> None:
     os.chmod(m, 0o700)
 
 
-def _image_and_its_diff(tmp_path: Path, mounts: list[Path]) -> tuple[Path, Path, Path]:
-    """An image (lower) changed in every way through an overlay: (lower, merged view, diff tar)."""
+def _image_and_its_diff(tmp_path: Path, mounts: list[Path], big: int = 0) -> tuple[Path, Path, Path]:
+    """An image (lower) changed in every way through an overlay, and with ``big`` random bytes
+    in big.bin: (lower, merged view, diff tar)."""
     lower = tmp_path / "lower"
     _populate_lower(lower)
     _image_extras(lower)
     _, upper, merged = _overlay(tmp_path, mounts)
     _change_merged(merged)
     _change_image_paths(merged)
+    if big:
+        (merged / "big.bin").write_bytes(os.urandom(big))
     tar = tmp_path / "diff.tar"
     layer.capture_diff(str(upper), str(tar))
     return lower, merged, tar
@@ -803,6 +806,31 @@ def test_revert_diff_gives_back_the_image(tmp_path: Path, mounts: list[Path]) ->
     assert not (upper2 / "d/y").exists() and not (upper2 / "deep/a/b/c/x").exists()  # no copy-up
     assert stats["removed"] >= 20 and stats["restored"] >= 20
     assert layer.revert_diff(str(tar), str(rootfs), lowers)["removed"] > 0  # idempotent in effect
+    _assert_same_tree(rootfs, lower)
+
+
+def test_a_consumed_archive_applies_alike_frees_its_data_and_still_reverts(
+    tmp_path: Path, mounts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apply_diff(consume=True), as a restore runs it: the same tree as without; the archive's
+    data is punched out as it is copied, a big file's step by step (so the layer needs room once,
+    not twice), and its headers stay, so that revert_diff still gives the image back."""
+    lower, merged, tar = _image_and_its_diff(tmp_path, mounts, big=5 * MiB + 123)
+    size = tar.stat().st_size
+    punched: list[tuple[int, int]] = []
+    punch = layer._punch
+    monkeypatch.setattr(layer, "_CONSUME_STEP", MiB)
+    monkeypatch.setattr(layer, "_punch", lambda fd, at, n: (punched.append((at, n)), punch(fd, at, n)))
+    _, _, rootfs = _overlay(tmp_path, mounts, suffix="2")
+
+    layer.apply_diff(str(tar), str(rootfs), consume=True)
+
+    assert _snapshot(rootfs) == _snapshot(merged)
+    with tarfile.open(tar) as tf:  # the headers are all still there, the data gone
+        start = tf.getmember("big.bin").offset_data
+    assert [n for at, n in punched if at == start] == [*(i * MiB for i in range(1, 6)), 5 * MiB + 123]
+    assert tar.stat().st_size == size and tar.stat().st_blocks * 512 < MiB // 4
+    layer.revert_diff(str(tar), str(rootfs), layer.lowerdirs_of(str(rootfs)))
     _assert_same_tree(rootfs, lower)
 
 

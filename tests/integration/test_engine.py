@@ -145,13 +145,21 @@ def test_tty_container_is_not_checkpointed_and_says_why(
     assert store.checkpoints(job) == []
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    mnt = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A disk of ``size`` at ``mnt`` (a tmpfs), for what must fit or fail for want of room."""
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "2m") as mnt:
+        yield mnt
 
 
 @pytest.mark.parametrize("failure", ["full work dir", "store down"])
@@ -215,6 +223,24 @@ def test_a_full_disk_at_restore_starts_fresh_and_keeps_the_checkpoint(
         ]
         assert restore_into(runc, ids[1], new, store, "full", settings, out) is not None
         continues_from(out, at)
+
+
+def test_a_restore_needs_room_for_the_layer_once_not_twice(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path
+) -> None:
+    """A job with 32 MiB of staged input in its layer is retried on a host whose disk (work dir
+    and container rootfs alike) has 56 MiB: the fetched layer archive (the input, and the store's
+    alignment) and the input laid on from it would need over 70; consumed as it is laid on, the
+    archive leaves room, and the job resumes with its input."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    old, staged = staged_bundle(tmp_path, memhog, "data/inputs.bin", 32 << 20)
+    with runc_pair(tmp_path, "room") as (runc, ids, out), tmpfs(tmp_path / "disk", "56m") as disk:
+        run_bundle(runc, old, ids[0], out)
+        engine.checkpoint(runc, ids[0], store, "room", {}, Settings(workdir=str(tmp_path / "work")))
+        new = memhog_bundle(disk / "new", memhog, STAGED_ARGS)
+        settings = Settings(workdir=str(disk / "work"), restore_stream=True)
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "room", settings)
+        assert (rootfs / "data" / "inputs.bin").read_bytes() == staged.read_bytes()
 
 
 def contents(bundle: Path) -> list[tuple[Path, bytes | None]]:
