@@ -13,23 +13,24 @@ in a container of a private dockerd. Measured, for each kind of memory:
 - restore: a `docker run` that restores on create from the file:// store, with the page images
   streamed into CRIU as they are read and verified, and with everything fetched first; against
   a plain `runc restore -d` from a local directory of the same program with the container's own
-  spec in a runc bundle (no dockerd), after a sync, alternating with them (the `runc restore`
-  inside the fetched-first restore is shown too: it runs right after the fetch wrote the images);
-  every restore starts right after the container before it is deleted (FREED_LAST).
+  spec in a runc bundle (no dockerd), alternating with them (the `runc restore` inside the
+  fetched-first restore is shown too: it runs right after the fetch wrote the images);
 - a small container (64 MiB) with BENCH_LAYER_MIB MiB (default 1024) of staged input in its
   writable layer, untouched for longer than engine.LAYER_COLD_SECONDS: the freeze of an interval
   checkpoint (the input copied after the resume) and of one at a Spot notice (copied frozen),
   against CRIU's frozen time of a raw `runc checkpoint` (which does not carry the layer at all);
   then of the next checkpoint of each kind, the input unchanged (not read: the last one's chunks
   are named); and the time of each to a committed checkpoint against the raw `runc checkpoint`.
-Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once),
-each after a `sync` so that one's dirty pages do not slow the next one's writes. Prints a table
+Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once).
+Every timed run, checkpoint or restore, ours or raw, starts after a `sync` (one's dirty pages do
+not slow the next one's writes) and with warm memory (WARM, BENCH_WARM_MIB). Prints a table
 of ratios: of the medians, and the median of each round's own ratio ("paired": on this noisy VM
 a slow spell then weighs on both sides alike). Needs root and the host set-up
 (install/setup-host.sh).
 """
 
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -52,12 +53,14 @@ REPS = int(os.environ.get("BENCH_REPS", "3"))
 LAYER_MIB = int(os.environ.get("BENCH_LAYER_MIB", "1024"))
 IMAGE = "mmshim-bench/memhog:1"
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
-# FREED_LAST: every timed restore runs right after the container it replaces is deleted, never a
-# `sync` later. On this kind of VM (Firecracker, `page_reporting.page_reporting_order=11` on the
-# kernel command line) memory left free for about 2 s is handed back to the host, and the next
-# use of it page-faults in the host: a raw `runc restore` of 2 GiB took 1.12 to 2.45 s (median
-# 1.47) when its container was deleted before the sync of its images, 1.04 to 1.52 (median 1.24)
-# when deleted after it (6 rounds each, same run). Both sides get the same treatment.
+# WARM: every timed run, ours and the baseline alike, starts right after this process touched and
+# freed WARM_MIB MiB of memory. On this kind of VM (Firecracker, `page_reporting.page_reporting_order=11`
+# on the kernel command line) memory left free for about 2 s is handed back to the host, and the
+# next use of it page-faults in the host: whatever a run allocates first (CRIU's images in the
+# page cache, a restored process's memory) then costs up to several times its price on a host
+# without that. A raw `runc checkpoint` of 2 GiB to local disk took 1.57 to 6.2 s in one run
+# without it, 0.99 to 1.28 s (6 rounds) with 6 GiB warmed before each.
+WARM_MIB = int(os.environ.get("BENCH_WARM_MIB", str(2 * MIB + 1024)))
 
 
 def criu_frozen(work: Path) -> float:
@@ -73,11 +76,14 @@ def raw_checkpoint(runc: engine.Runc, cid: str, images: Path, work: Path) -> Non
 
 def settle() -> None:
     """Let the previous checkpoint's staging removal (engine.remove_later) and its dirty pages
-    finish, so that they do not slow the next measurement."""
+    finish, so that they do not slow the next measurement, and warm the memory it will take."""
     for t in threading.enumerate():
         if t.name == "remove-staging":
             t.join()
     os.sync()
+    warm = bytearray(WARM_MIB << 20)
+    warm[:: mmap.PAGESIZE] = b"\1" * len(range(0, len(warm), mmap.PAGESIZE))
+    del warm
 
 
 def plain_upload(s3: str, images: Path, prefix: str) -> float:
@@ -184,10 +190,10 @@ class RawContainer:
         os.close(fd)
 
     def restore(self) -> float:
-        """Time `runc restore -d` from the images taken at the start, after a sync, the container
-        deleted right before (FREED_LAST)."""
-        os.sync()
+        """Time `runc restore -d` from the images taken at the start, the container deleted, then
+        settle()."""
         self.delete(check=False)
+        settle()
         t0 = time.monotonic()
         self._runc("restore", "-d", "--image-path", str(self.images), "--work-path", f"{self.images}-r",
                    "--bundle", str(self.bundle), self.cid)  # fmt: skip
@@ -195,11 +201,11 @@ class RawContainer:
 
     def engine_restore(self, store: Store, job: str, settings: Settings) -> float:
         """Time mmshim's engine.restore (what the runtime's create runs) into this bundle, after a
-        sync, the running container deleted right before (a retry gets a new one; FREED_LAST)."""
+        the running container deleted (a retry gets a new one), then settle()."""
         runc = engine.Runc(RUNC, ["--root", str(self.root)], str(self.root))
         spec = json.loads((self.bundle / "config.json").read_text())
-        os.sync()
         self.delete(check=False)
+        settle()
         r, w = os.pipe()  # runc restore passes its stdout on to the restored program
         threading.Thread(target=self._drain, args=(r,), daemon=True).start()
         saved = os.dup(1)
@@ -254,7 +260,7 @@ def restore(
             for key, stream in (("engine_streamed", True), ("engine_fetched", False)):
                 settings = Settings(workdir=str(state / "work"), restore_stream=stream)
                 runs.setdefault(key, []).append(raw.engine_restore(store, raw_job, settings))
-            raw.delete()  # its memory is what the next restores get (FREED_LAST)
+            raw.delete()
             restore_round(d, state, args, job, runs)
     finally:
         raw.close()
@@ -263,7 +269,7 @@ def restore(
 
 def restore_round(d: Docker, state: Path, args: list[str], job: str, runs: dict[str, list[float]]) -> None:
     for stream in ("0", "1"):
-        os.sync()
+        settle()
         env = {"MMSHIM_INTERVAL": "3600", "MMSHIM_RESTORE_STREAM": stream}
         cid = d.run_job(job, 2, args, env, IMAGE)
         try:
