@@ -25,7 +25,10 @@ from pathlib import Path
 log = logging.getLogger("mmshim.streamer")
 SOCKET = "streamer-serve.sock"
 CRIU_MARK = "+mmshim-rpc-stream"  # in `criu --version`'s GitID when built by install/setup-host.sh
-PIPE_SIZE = 1 << 20  # the default 64 KiB costs a context switch per 64 KiB of memory restored
+# The default 64 KiB costs a context switch per 64 KiB of memory restored. Measured here (2 GiB,
+# streamed restore, 6 rounds each against 1 MiB): 256 KiB 1.39 s, 1 MiB 1.27-1.35 s, and above
+# pipe-max-size (1 MiB) it falls off a cliff: 2 MiB and 8 MiB 3.8 s.
+PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
