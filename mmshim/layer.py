@@ -44,7 +44,6 @@ back through the same mount (the layers from lowerdirs_of), so the job can start
 
 import contextlib
 import errno
-import functools
 import os
 import re
 import shutil
@@ -52,8 +51,10 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
+
+from mmshim import libc
 
 BLOCK = 512
 WHITEOUT_PREFIX = ".wh."
@@ -968,26 +969,6 @@ def _copy(
         count -= n
 
 
-@functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    import ctypes  # here: only a restore's apply needs it
-
-    try:
-        call = ctypes.CDLL(None, use_errno=True).fallocate
-    except AttributeError:  # not Linux
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    call.restype = ctypes.c_int
-    return call
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    """Free a copied range of a consumed archive. Bytes outside it (the headers) are untouched;
-    where the file system cannot punch holes, the data simply stays."""
-    if (call := _fallocate()) is not None:
-        call(fd, 3, offset, length)  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-
-
 class _Applier:
     """Applies validated steps under rootfd, one O_NOFOLLOW walk per parent directory."""
 
@@ -1154,7 +1135,7 @@ class _Applier:
             n = min(count, _CONSUME_STEP)
             _copy(self.rawfd, src_off, dst, dst_off, n)
             src_off, dst_off, count = src_off + n, dst_off + n, count - n
-            _punch(self.rawfd, start, src_off - start)
+            libc.punch_hole(self.rawfd, start, src_off - start)
 
     def set_dir_times(self) -> None:
         for parts, mtime in reversed(self.dir_times):  # deepest first; utime leaves the parent alone

@@ -93,7 +93,7 @@ import blake3
 import msgspec
 import zstandard
 
-from mmshim import digest
+from mmshim import digest, libc
 
 __all__ = [
     "FORMAT",
@@ -458,26 +458,6 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    import ctypes  # here: only a save of chunks needs it
-
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except AttributeError:  # not Linux
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to disk, without waiting (SYNC_FILE_RANGE_WRITE); an
-    error is the fsync's to report."""
-    if (call := _sync_file_range()) is not None:
-        call(fd, 0, 0, 2)
-
-
 class _FileBackend:
     """Keys are paths under root; every PUT is temp file + fsync + rename + fsync(dir). A save's
     chunks are staged as they are written and published together once all are (publish)."""
@@ -529,7 +509,7 @@ class _FileBackend:
         try:
             try:
                 _write_all(fd, data)
-                _start_writeback(fd)
+                libc.start_writeback(fd)  # published (fsynced) with the rest
             finally:
                 os.close(fd)
             _fault("tmp_written", key=key)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mmshim import layer
+from mmshim import layer, libc
 from mmshim.layer import LayerError, TooLarge
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, chown, mknod")
@@ -818,9 +818,9 @@ def test_a_consumed_archive_applies_alike_frees_its_data_and_still_reverts(
     lower, merged, tar = _image_and_its_diff(tmp_path, mounts, big=5 * MiB + 123)
     size = tar.stat().st_size
     punched: list[tuple[int, int]] = []
-    punch = layer._punch
+    punch = libc.punch_hole
     monkeypatch.setattr(layer, "_CONSUME_STEP", MiB)
-    monkeypatch.setattr(layer, "_punch", lambda fd, at, n: (punched.append((at, n)), punch(fd, at, n)))
+    monkeypatch.setattr(libc, "punch_hole", lambda fd, at, n: (punched.append((at, n)), punch(fd, at, n)))
     _, _, rootfs = _overlay(tmp_path, mounts, suffix="2")
 
     layer.apply_diff(str(tar), str(rootfs), consume=True)
