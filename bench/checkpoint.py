@@ -200,8 +200,8 @@ class RawContainer:
         return time.monotonic() - t0
 
     def engine_restore(self, store: Store, job: str, settings: Settings) -> float:
-        """Time mmshim's engine.restore (what the runtime's create runs) into this bundle, after a
-        the running container deleted (a retry gets a new one), then settle()."""
+        """Time mmshim's engine.restore (what the runtime's create runs) into this bundle, the
+        running container deleted (a retry gets a new one), then settle()."""
         runc = engine.Runc(RUNC, ["--root", str(self.root)], str(self.root))
         spec = json.loads((self.bundle / "config.json").read_text())
         self.delete(check=False)
