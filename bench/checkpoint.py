@@ -17,8 +17,8 @@ in a container of a private dockerd. Measured, for each kind of memory:
   fetched-first restore is shown too: it runs right after the fetch wrote the images);
 - a small container (64 MiB) with BENCH_LAYER_MIB MiB (default 1024) of staged input in its
   writable layer, untouched for longer than engine.LAYER_COLD_SECONDS: the freeze of an interval
-  checkpoint (the input copied after the resume) and of one at a Spot notice (copied frozen),
-  against CRIU's frozen time of a raw `runc checkpoint` (which does not carry the layer at all);
+  checkpoint (the input read into the store after the resume) and of one at a Spot notice (copied
+  frozen), against CRIU's frozen time of a raw `runc checkpoint` (which does not carry the layer at all);
   then of the next checkpoint of each kind, the input unchanged (not read: the last one's chunks
   are named); and the time of each to a committed checkpoint against the raw `runc checkpoint`.
 Raw and mmshim checkpoints alternate, BENCH_REPS times each (default 3, medians shown; S3 once).
@@ -323,7 +323,7 @@ def staged_layer(d: Docker, state: Path) -> dict[str, list[float]]:
                     runs.setdefault(f"{key}_checkpoint", []).append(time.monotonic() - t0)
                     runs.setdefault(f"{key}_paused", []).append(info.meta["timings"]["paused_s"])
                     copied = (info.meta["layer"]["copied_later"], info.meta["layer"]["reused"])
-                    if copied != expected[key]:  # bytes (copied after the resume, not read)
+                    if copied != expected[key]:  # bytes (read after the resume; not read at all)
                         raise RuntimeError(f"the input was not copied as asked: {info.meta['layer']}")
         return runs
     finally:
@@ -332,7 +332,7 @@ def staged_layer(d: Docker, state: Path) -> dict[str, list[float]]:
 
 LAYER_LINES = [
     (
-        "container frozen, interval (input copied after the resume) vs CRIU frozen time of raw",
+        "container frozen, interval (input read after the resume) vs CRIU frozen time of raw",
         "raw_frozen",
         "file_paused",
     ),
@@ -352,7 +352,7 @@ LAYER_LINES = [
         "urgent_reused_paused",
     ),
     (
-        "checkpoint committed, interval, input copied vs raw runc checkpoint",
+        "checkpoint committed, interval, input read vs raw runc checkpoint",
         "raw_checkpoint",
         "file_checkpoint",
     ),

@@ -4,8 +4,9 @@ A checkpoint holds what a restore on a NEW host needs: CRIU's images, the overla
 (CRIU does not carry it) and the contents of chosen bind mounts such as Docker's /dev/shm. The
 container is paused while the layer is captured and CRIU dumps, so the three are consistent; it
 resumes as soon as CRIU is done. Big files of the layer that the job left alone for a minute are
-only pinned while it is paused, and copied after (checked unchanged); those unchanged since the
-job's last checkpoint on this boot are not read at all (its chunks are reused, unchanged_files).
+only pinned while it is paused, and read into the store after (checked unchanged), never copied
+to the work dir; those unchanged since the job's last checkpoint on this boot are not read at
+all (its chunks are reused, unchanged_files).
 The upload reads, hashes and compresses the images while CRIU writes them, but writes nothing to
 the store until the container runs again (store.Gate).
 """
@@ -35,7 +36,7 @@ from mmshim.store import CheckpointInfo, CheckpointUnusable, Chunk, Gate, Store,
 log = logging.getLogger("mmshim.engine")
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 UPLOAD_NICE_WHILE_FROZEN = 19
-# Files of the writable layer whose ctime is older than this are copied after the resume (see
+# Files of the writable layer whose ctime is older than this are read after the resume (see
 # layer.start_capture): longer than the kernel takes to write back a page dirtied through a
 # shared mapping (30 s by default), after which the next write through it moves the ctime.
 LAYER_COLD_SECONDS = 60.0
@@ -263,6 +264,7 @@ def checkpoint(
     done, abort, resumed = threading.Event(), threading.Event(), Gate()
     result: dict = {}
     reuse: dict[str, dict[int, Chunk]] = {}
+    borrowed: dict[str, layer.Capture] = {}
 
     def upload() -> None:
         # While CRIU dumps, the container is frozen: the upload (hashing, compression) must not
@@ -279,6 +281,7 @@ def checkpoint(
                 gate=resumed,
                 reuse=reuse,
                 release=True,
+                borrowed=borrowed,
             )
         except Exception as exc:
             result["error"] = exc
@@ -294,10 +297,11 @@ def checkpoint(
         try:
             upper = layer.upperdir_of(rootfs)
             work.mkdir(exist_ok=True)
-            # The data of big files the job has not touched for a while (staged inputs) is copied
-            # once the container runs again, so the freeze does not grow with the layer; at a Spot
-            # notice everything is copied now, as nothing may then make the checkpoint fail. Those
-            # unchanged since the last checkpoint are not copied at all.
+            # The data of big files the job has not touched for a while (staged inputs) is read by
+            # the upload once the container runs again, so the freeze does not grow with the layer
+            # and the work dir needs no room for it; at a Spot notice everything is copied now, as
+            # nothing may then make the checkpoint fail. Those unchanged since the last checkpoint
+            # are not read at all.
             captured = layer.start_capture(
                 upper or rootfs,
                 str(stage / LAYER_TAR),
@@ -309,6 +313,7 @@ def checkpoint(
                 pin=not urgent,
                 unchanged=unchanged.keys(),
             )
+            borrowed[LAYER_TAR] = captured
             reuse[LAYER_TAR] = {
                 index + i: chunk
                 for key, index in captured.reused.items()
@@ -344,8 +349,7 @@ def checkpoint(
             timings["paused_s"] = time.monotonic() - t0
             set_priority(os.getpriority(os.PRIO_PROCESS, 0))  # the upload may have the CPU now
             resumed.open()
-        meta["layer"] = captured.complete()
-        timings["layer_done_s"] = time.monotonic() - t0
+        meta["layer"] = captured.publish()
         meta.update(criu_stats(work))  # CRIU writes stats-dump to the work dir
         (stage / "logs").mkdir()
         if (work / "dump.log").exists():
@@ -354,12 +358,12 @@ def checkpoint(
         abort.set()
         raise
     finally:
-        if captured is not None:
-            captured.abort()  # what complete() did not publish
         resumed.open()  # also when resume failed: the save waits for it
         done.set()
         if uploader.is_alive():
             uploader.join()
+        if captured is not None:
+            captured.close()  # after the upload, which reads the pinned files
         remove_later(stage, work)
     if "error" in result:
         raise EngineError(f"upload failed: {result['error']}") from result["error"]

@@ -4,8 +4,8 @@ CRIU's image holds neither the overlay upperdir nor the contents of bind mounts 
 /dev/shm, and on restore CRIU checks that every open file still has the size it had. So the engine
 captures those trees as tar files while the container is frozen and lays them onto the new
 container's rootfs (or mount sources) before `runc restore`. A capture may leave the data of big
-files the job has not changed for a while to be copied once it runs again (start_capture): they
-are held open, and checked unchanged after the copy.
+files the job has not changed for a while out of the tar, for its reader (the store) to read
+once the job runs again (start_capture): they are held open, and checked unchanged after the read.
 
 Tar representation (GNU tar 1.34 and Python's tarfile read it back exactly, sparse files included):
 
@@ -68,7 +68,7 @@ _COPY_CHUNK = 1 << 30
 # A consumed archive (apply's ``consume``) loses each member's data this often while it is copied,
 # so that the archive and what it is extracted into never both hold a big file.
 _CONSUME_STEP = 8 << 20
-_MAX_PINNED = 256  # files whose copy waits for the resume, each an open fd; the rest are copied frozen
+_MAX_PINNED = 256  # files whose read waits for the resume, each an open fd; the rest are copied frozen
 _SPARSE_NAME = b"./GNUSparseFile.0/sparse"  # ustar name of sparse entries; the real one is in pax
 
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
@@ -362,7 +362,8 @@ class _TarWriter:
     system), renamed into place only when complete.
 
     With cold_after, the data of big files unchanged for that many seconds (cold) is left as a
-    hole if ``pin``, filled by fill() once the container runs again: the freeze then costs
+    hole if ``pin``, noted in ``holes`` for the tar's reader to read once the container runs
+    again (Capture.extents): the freeze then costs
     metadata and small files, not the size of the layer. With align too, every cold file of at
     least ``align`` bytes is noted in stats["aligned"] (identity_key: [index of its first chunk,
     number of whole chunks]), and the whole chunks of one whose key is in ``unchanged`` (the
@@ -404,8 +405,8 @@ class _TarWriter:
         return self.cold_before is not None and st.st_ctime_ns <= self.cold_before
 
     def pin(self, fd: int, st: os.stat_result, what: str, count: int) -> _Pinned | None:
-        """The file (fd, st its fstat), pinned for fill(), if its ``count`` bytes still to copy may
-        wait: over 256 KiB, and the file cold. fill() refuses any change of the inode meanwhile,
+        """The file (fd, st its fstat), pinned for a later read, if its ``count`` bytes still to copy
+        may wait: over 256 KiB, and the file cold. check() refuses any change of the inode meanwhile,
         even one that keeps the data (a chmod, a rename over it): the capture fails, the next one
         copies the file frozen (it is new)."""
         if not self.pin_cold or len(self.pinned) >= _MAX_PINNED or count <= _SMALL_FILE or not self.cold(st):
@@ -504,37 +505,24 @@ class _TarWriter:
         self.put(b"\0" * (2 * BLOCK))
         self.flush()
 
-    def fill(self) -> None:
-        """Copy the pinned files into their holes, then check that none changed since frozen."""
-        for at, pinned, offset, count in self.holes:
-            _copy(
-                pinned.fd,
-                offset,
-                self.fd,
-                at,
-                count,
-                f"{pinned.what!r} shrank after the container was resumed",
-            )
+    def check(self) -> None:
+        """Refuse the capture if a pinned file changed since frozen."""
         for pinned in self.pinned:
             if _identity(os.fstat(pinned.fd)) != pinned.seen:
                 raise LayerChanged(
-                    f"{pinned.what!r} changed after the container was resumed, before its copy was done; "
+                    f"{pinned.what!r} changed after the container was resumed, before its data was read; "
                     "the capture no longer matches the frozen memory"
                 )
-        self.unpin()
 
     def publish(self) -> None:
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.out_path)
 
-    def unpin(self) -> None:
+    def abort(self) -> None:
         for pinned in self.pinned:
             os.close(pinned.fd)
         self.pinned.clear()
-
-    def abort(self) -> None:
-        self.unpin()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -724,29 +712,34 @@ def _open_nofollow_read(dfd: int, name: str) -> int:
 
 
 class Capture:
-    """A capture taken while the container was frozen, its pinned files not yet copied."""
+    """A capture taken while the container was frozen. The data of its pinned files is not in
+    the tar: holes there, read by whoever reads the tar from ``extents`` (the store's Borrowed),
+    then check()ed. So a job's staged inputs never need a second copy's room on disk."""
 
     def __init__(self, writer: _TarWriter, path: str) -> None:
         self._w = writer
         self._path = path
         self.reused = writer.reused  # identity_key -> tar chunk index: holes the previous chunks fill
+        self.extents = [(at, pinned.fd, offset, count) for at, pinned, offset, count in writer.holes]
 
-    def complete(self) -> dict:
-        """Copy the pinned files and put the tar at out_path; LayerChanged (and no tar) if one
-        of them changed meanwhile. Returns the stats capture_diff describes."""
+    def publish(self) -> dict:
+        """Put the tar, holes and all, at out_path (once the container runs again: a reader of
+        the tar reads the pinned files). Returns the stats capture_diff describes."""
         try:
-            self._w.fill()
             self._w.publish()
-        except BaseException as e:
+        except OSError as e:
             self._w.abort()
-            if isinstance(e, OSError):
-                raise LayerError(f"cannot capture {self._path} into {self._w.out_path}: {e}") from e
-            raise
+            raise LayerError(f"cannot capture {self._path} into {self._w.out_path}: {e}") from e
         self._w.stats["tar_bytes"] = self._w.size
         return self._w.stats
 
-    def abort(self) -> None:
-        """Forget it: no tar, no temporary file, no pinned file left open (also after complete)."""
+    def check(self) -> None:
+        """LayerChanged if a pinned file changed since frozen: what was read from ``extents``
+        may then not be what the frozen memory saw. Call it after the last read."""
+        self._w.check()
+
+    def close(self) -> None:
+        """No temporary file (a tar not yet published) and no pinned file left open."""
         self._w.abort()
 
 
@@ -763,8 +756,9 @@ def start_capture(
     unchanged: Collection[str] = (),
 ) -> Capture:
     """Capture like capture_diff (diff) or capture_tree, except the data of files over 256 KiB
-    whose ctime is older than cold_after seconds (if ``pin``): those are pinned open, and copied
-    by Capture.complete, which checks they did not change since. tmp_dir (on out_path's file
+    whose ctime is older than cold_after seconds (if ``pin``): those are pinned open and their
+    data left out (Capture.extents), to be read once the container runs again and then
+    checked not to have changed (Capture.check). tmp_dir (on out_path's file
     system) keeps the unfinished tar away from out_path's directory. With align (the store's chunk
     size), the data of every file of at least that size starts at a multiple of it in the tar;
     whole chunks of cold files named ``unchanged`` are not copied (Capture.reused, _TarWriter)."""
@@ -799,7 +793,7 @@ def capture_diff(upperdir: str, out_path: str, max_bytes: int | None = None) -> 
     excluded), deletion markers, sockets skipped, and the tar's size. max_bytes caps the tar's size;
     beyond it TooLarge is raised and out_path is not created.
     """
-    return start_capture(upperdir, out_path, max_bytes, diff=True, cold_after=None).complete()
+    return start_capture(upperdir, out_path, max_bytes, diff=True, cold_after=None).publish()
 
 
 def capture_tree(path: str, out_path: str, max_bytes: int | None = None, align: int | None = None) -> dict:
@@ -809,7 +803,7 @@ def capture_tree(path: str, out_path: str, max_bytes: int | None = None, align: 
     device is stored as a device. Mount points below `path` are recorded but not descended into.
     align: as start_capture's.
     """
-    return start_capture(path, out_path, max_bytes, diff=False, cold_after=None, align=align).complete()
+    return start_capture(path, out_path, max_bytes, diff=False, cold_after=None, align=align).publish()
 
 
 # ----------------------------------------------------------------------------------------- apply

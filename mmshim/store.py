@@ -64,6 +64,7 @@ outside the destination directory.
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import collections
 import concurrent.futures as cf
@@ -83,7 +84,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -249,7 +250,7 @@ def _manifest_key(job: str, cid: str) -> str:
 
 
 # What a PUT takes: bytes, or pieces written in one writev (a chunk framed without copying it).
-Raw = bytes | mmap.mmap  # a chunk's bytes: read, or mapped (_map_chunk)
+Raw = bytes | bytearray | mmap.mmap  # a chunk's bytes: read, or mapped (_map_chunk)
 Data = bytes | list[bytes | memoryview]
 _SAMPLE = 16 * KiB
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -1017,6 +1018,23 @@ class _SrcFile:
     chunks: list[list[Any]] = field(default_factory=list)  # [sha, raw_len], filled by workers
 
 
+class Borrowed(Protocol):
+    """Ranges of a file under save's src_dir left as holes there, their data read instead from
+    files the caller holds open: a container's staged inputs go from its layer into the store
+    without a copy on the work dir's disk (engine, layer.Capture)."""
+
+    @property
+    def extents(self) -> Sequence[tuple[int, int, int, int]]:
+        """(at, fd, offset, count): the file's bytes at..at+count are fd's from offset on;
+        sorted by at, disjoint."""
+        ...
+
+    def check(self) -> None:
+        """Raise if the data read may not be the data meant (a file changed meanwhile); save
+        calls it once the last chunk is read, before the manifest."""
+        ...
+
+
 class _Save:
     """State of one save, shared by the reader and the chunk workers."""
 
@@ -1160,6 +1178,38 @@ def _map_chunk(fd: int, n: int, offset: int, writable: bool = False) -> mmap.mma
     _release may punch it out (never written; a shared mapping is not dirtied by populating it)."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     return mmap.mmap(fd, n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot, offset=offset)
+
+
+def _chunk(fd: int, n: int, offset: int, writable: bool, lender: Borrowed | None, path: str) -> Raw:
+    """A chunk of a file being saved: mapped (_map_chunk), or read where it borrows any bytes.
+    Read, never mapped from the lender's file: what is hashed is then what is stored, even if
+    the job writes to that file meanwhile (check() fails the save then, but a chunk whose data
+    is not its hash would already be in the store, for later saves to take as stored)."""
+    extents = lender.extents if lender is not None else ()
+    end = offset + n
+    first = bisect.bisect_right(extents, offset, key=lambda e: e[0] + e[3])  # the first ending after offset
+    if first == len(extents) or extents[first][0] >= end:
+        return _map_chunk(fd, n, offset, writable)
+    buf = bytearray(n)
+    view = memoryview(buf)
+    at = offset
+    for start, src, src_offset, count in extents[first:]:
+        if start >= end:
+            break
+        lo, hi = max(start, offset), min(start + count, end)
+        _read_into(fd, view[at - offset : lo - offset], at, path)
+        _read_into(src, view[lo - offset : hi - offset], src_offset + lo - start, f"the data {path} borrows")
+        at = hi
+    _read_into(fd, view[at - offset :], at, path)
+    return buf
+
+
+def _read_into(fd: int, view: memoryview, offset: int, what: str) -> None:
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise StoreError(f"{what} shrank while it was being saved")
+        view, offset = view[n:], offset + n
 
 
 def _release(raw: Raw) -> None:
@@ -1572,6 +1622,7 @@ class Store:
         gate: Gate | None = None,
         reuse: dict[str, dict[int, Chunk]] | None = None,
         release: bool = False,
+        borrowed: Mapping[str, Borrowed] | None = None,
     ) -> CheckpointInfo:
         """Store the regular files under src_dir as a new checkpoint; the manifest goes last.
 
@@ -1588,6 +1639,8 @@ class Store:
         the save, as nothing would then keep gc from deleting it.
         ``release``: src_dir is the caller's scratch, each chunk's range is punched out of its
         file once stored (_release); what it holds afterwards is undefined.
+        ``borrowed`` names, per file, ranges whose data is read from elsewhere (Borrowed); its
+        check() failing fails the save.
         """
         job = validate_job_id(job_id)
         if not isinstance(meta, dict):
@@ -1604,7 +1657,11 @@ class Store:
         self._backend.put(_inflight_key(job, cid), _json_bytes(marker))
         _fault("inflight_written")
         try:
-            ctx, files = self._save_tree(src, known, done, _Progress(progress), gate, reuse or {}, release)
+            ctx, files = self._save_tree(
+                src, known, done, _Progress(progress), gate, reuse or {}, borrowed or {}, release
+            )
+            for lender in (borrowed or {}).values():
+                lender.check()
             doc = {
                 "format": FORMAT,
                 "job_id": job,
@@ -1680,6 +1737,7 @@ class Store:
         progress: _Progress,
         gate: Gate | None,
         reuse: dict[str, dict[int, Chunk]],
+        borrowed: Mapping[str, Borrowed],
         release: bool,
     ) -> tuple[_Save, list[_SrcFile]]:
         """Read the tree in chunk-size pieces, re-scanning until done; workers do the rest."""
@@ -1695,7 +1753,7 @@ class Store:
             try:
                 while ctx.pipe.error is None:
                     final = done is None or done.is_set()  # read before the pass: it sees final sizes
-                    self._save_pass(src, state, final, ctx, cpu, reuse)
+                    self._save_pass(src, state, final, ctx, cpu, reuse, borrowed)
                     if final:
                         break
                     done.wait(POLL_SECONDS)  # type: ignore[union-attr]
@@ -1713,6 +1771,7 @@ class Store:
         ctx: _Save,
         cpu: cf.Executor,
         reuse: dict[str, dict[int, Chunk]],
+        borrowed: Mapping[str, Borrowed],
     ) -> None:
         seen = set()
         for name, path in self._walk(src):
@@ -1744,7 +1803,7 @@ class Store:
                     if not ctx.pipe.start(n):
                         return
                     try:
-                        raw = _map_chunk(fd, n, f.offset, ctx.release)
+                        raw = _chunk(fd, n, f.offset, ctx.release, borrowed.get(name), path)
                         entry: list[Any] = [None, n]
                         f.chunks.append(entry)
                         cpu.submit(self._save_chunk, ctx, entry, raw)

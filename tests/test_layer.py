@@ -290,12 +290,23 @@ def _start(
     )
 
 
+def _read_in(capture: layer.Capture, out: Path) -> None:
+    """What the reader of a published capture (the store) does: read the pinned files' data
+    (into the tar's holes here), check, close."""
+    with open(out, "r+b") as f:
+        for at, fd, offset, count in capture.extents:
+            f.seek(at)
+            f.write(os.pread(fd, count, offset))
+    capture.check()
+    capture.close()
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize(("max_pinned", "align"), [(256, None), (1, None), (256, ALIGN)])
-def test_pinned_files_are_copied_after_the_resume_into_the_same_tar(
+def test_pinned_files_are_left_out_of_the_tar_for_its_reader(
     tmp_path: Path, mounts: list[Path], monkeypatch: pytest.MonkeyPatch, max_pinned: int, align: int | None
 ) -> None:
     _populate_lower(tmp_path / "lower")
@@ -303,7 +314,7 @@ def test_pinned_files_are_copied_after_the_resume_into_the_same_tar(
     _change_merged(merged)
     _big_files(merged)
     frozen = tmp_path / "frozen.tar"
-    _start(upper, frozen, cold_after=None, align=align).complete()
+    _start(upper, frozen, cold_after=None, align=align).publish()
     monkeypatch.setattr(layer, "_MAX_PINNED", max_pinned)
     fds = _open_fds()
     out = tmp_path / "out" / "later.tar"
@@ -314,9 +325,11 @@ def test_pinned_files_are_copied_after_the_resume_into_the_same_tar(
     assert not out.exists() and os.listdir(out.parent) == ["pending"]  # nothing half-made beside it
     if max_pinned == 1:
         assert len(_open_fds() - fds) == 1 + 1  # the tar, one pinned file; the rest copied frozen
-    stats = capture.complete()
+    stats = capture.publish()
     pinned = (MiB + 3) if max_pinned == 1 else (MiB + 3) + MiB + MiB  # one, two, sparse's extent
-    assert stats["copied_later"] == pinned
+    assert stats["copied_later"] == sum(count for _, _, _, count in capture.extents) == pinned
+    assert os.stat(out).st_blocks * 512 < os.stat(frozen).st_blocks * 512 - pinned + MiB // 4  # holes
+    _read_in(capture, out)
     assert out.read_bytes() == frozen.read_bytes()
     assert _open_fds() == fds and os.listdir(out.parent / "pending") == []
     rootfs = tmp_path / "rootfs"
@@ -338,9 +351,9 @@ def test_big_files_start_at_multiples_of_align_and_read_back_the_same(
     _write(merged / ("b" * 120 + ".bin"), os.urandom(ALIGN + 5))  # its own pax records: path, xattr
     os.setxattr(merged / ("b" * 120 + ".bin"), "user.big", b"kept")
     plain, aligned = tmp_path / "plain.tar", tmp_path / "aligned.tar"
-    _start(upper, plain, cold_after=None).complete()
+    _start(upper, plain, cold_after=None).publish()
 
-    _start(upper, aligned, cold_after=None, align=ALIGN, cap=plain.stat().st_size).complete()
+    _start(upper, aligned, cold_after=None, align=ALIGN, cap=plain.stat().st_size).publish()
 
     with tarfile.open(aligned) as tf:
         members = tf.getmembers()
@@ -376,14 +389,15 @@ def test_cold_files_unchanged_since_the_last_capture_are_left_as_holes(
     _, upper, merged = _overlay(tmp_path, mounts)
     _write(merged / "reads.fastq", os.urandom(3 * ALIGN + 100))
     _write(merged / "ref.fa", os.urandom(2 * ALIGN))
-    first = _start(upper, tmp_path / "a" / "t.tar", cold_after=0, align=ALIGN).complete()
+    first = _start(upper, tmp_path / "a" / "t.tar", cold_after=0, align=ALIGN).publish()
     (reads, ref) = sorted(first["aligned"].items(), key=lambda kv: kv[1])  # tar order: reads first
     assert [reads[1][1], ref[1][1]] == [3, 2]
 
     capture = _start(
         upper, tmp_path / "b" / "t.tar", cold_after=0, align=ALIGN, pin=pin, unchanged=[reads[0]]
     )
-    second = capture.complete()
+    second = capture.publish()
+    _read_in(capture, tmp_path / "b" / "t.tar")
 
     assert capture.reused == {reads[0]: reads[1][0]} and second["reused"] == 3 * ALIGN
     assert second["aligned"] == first["aligned"]
@@ -393,9 +407,7 @@ def test_cold_files_unchanged_since_the_last_capture_are_left_as_holes(
     want = (merged / "reads.fastq").read_bytes()
     assert got == bytes(3 * ALIGN) + want[3 * ALIGN :]  # the previous chunks fill the hole
     os.utime(merged / "reads.fastq")  # a new ctime: no longer the file the key names
-    third = _start(
-        upper, tmp_path / "c" / "t.tar", cold_after=0, align=ALIGN, unchanged=[reads[0]]
-    ).complete()
+    third = _start(upper, tmp_path / "c" / "t.tar", cold_after=0, align=ALIGN, unchanged=[reads[0]]).publish()
     assert third["reused"] == 0
 
 
@@ -404,7 +416,7 @@ def test_recently_changed_files_are_copied_frozen(tmp_path: Path, mounts: list[P
     _, upper, merged = _overlay(tmp_path, mounts)
     _big_files(merged)
     capture = _start(upper, tmp_path / "t.tar", cold_after=3600)
-    assert capture.complete()["copied_later"] == 0
+    assert capture.publish()["copied_later"] == 0 and capture.extents == []
 
 
 def _append(p: Path) -> None:
@@ -427,50 +439,59 @@ def _replace(p: Path) -> None:
     [_append, _overwrite, lambda p: os.truncate(p, 10), lambda p: p.chmod(0o600), _replace, Path.unlink],
     ids=["append", "overwrite", "truncate", "chmod", "replace", "unlink"],
 )
-def test_a_pinned_file_changed_before_its_copy_leaves_no_tar(
+def test_a_pinned_file_changed_after_the_freeze_fails_the_check(
     tmp_path: Path, mounts: list[Path], change: Callable[[Path], None]
 ) -> None:
     (tmp_path / "lower").mkdir()
     _, upper, merged = _overlay(tmp_path, mounts)
     _big_files(merged)
     fds = _open_fds()
-    out = tmp_path / "t.tar"
-    capture = _start(upper, out, cold_after=0)
-    change(merged / "big/one.bin")  # the job, running again
+    capture = _start(upper, tmp_path / "t.tar", cold_after=0)
+    capture.publish()
+    capture.check()  # unchanged so far
+    change(merged / "big/one.bin")  # the job, running again, before the reader is done
 
-    with pytest.raises(LayerError, match=r"big/one\.bin"):
-        capture.complete()
+    with pytest.raises(layer.LayerChanged, match=r"big/one\.bin"):
+        capture.check()
 
-    assert not out.exists() and os.listdir(tmp_path / "pending") == []
-    assert _open_fds() == fds
+    capture.close()
+    assert _open_fds() == fds and os.listdir(tmp_path / "pending") == []
 
 
-def test_a_full_disk_while_copying_pinned_files_leaves_no_tar(tmp_path: Path, mounts: list[Path]) -> None:
-    """The holes cost nothing while frozen; the copy after the resume is where the disk fills."""
+def test_pinned_files_need_no_room_beside_the_tar(tmp_path: Path, mounts: list[Path]) -> None:
+    """A job's staged inputs may be bigger than the disk the tar goes to: only what is copied
+    frozen takes room there. Frozen copies of the same files do not fit."""
     (tmp_path / "lower").mkdir()
     _, upper, merged = _overlay(tmp_path, mounts)
     _big_files(merged)
+    whole = tmp_path / "whole.tar"
+    _start(upper, whole, cold_after=None).publish()
     small = tmp_path / "small"
     small.mkdir()
     _mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small))
     mounts.append(small)
-    fds = _open_fds()
-    capture = _start(upper, small / "t.tar", cold_after=0)
-
     with pytest.raises(LayerError, match="No space left"):
-        capture.complete()
+        _start(upper, small / "frozen.tar", cold_after=None)
+    fds = _open_fds()
 
-    assert _open_fds() == fds and os.listdir(small) == ["pending"]
-    assert os.listdir(small / "pending") == []
+    capture = _start(upper, small / "t.tar", cold_after=0)
+    capture.publish()
+
+    got = bytearray((small / "t.tar").read_bytes())
+    for at, fd, offset, count in capture.extents:
+        got[at : at + count] = os.pread(fd, count, offset)
+    assert got == whole.read_bytes()
+    capture.close()
+    assert _open_fds() == fds and sorted(os.listdir(small)) == ["pending", "t.tar"]
 
 
-def test_an_aborted_capture_leaves_nothing_open(tmp_path: Path, mounts: list[Path]) -> None:
+def test_an_unpublished_capture_leaves_nothing_open(tmp_path: Path, mounts: list[Path]) -> None:
     (tmp_path / "lower").mkdir()
     _, upper, merged = _overlay(tmp_path, mounts)
     _big_files(merged)
     fds = _open_fds()
     capture = _start(upper, tmp_path / "t.tar", cold_after=0)
-    capture.abort()
+    capture.close()
     assert _open_fds() == fds and not (tmp_path / "t.tar").exists()
     assert os.listdir(tmp_path / "pending") == []
 

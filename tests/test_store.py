@@ -256,6 +256,64 @@ def test_reused_chunks_are_not_read_and_must_be_the_jobs(repo: Repo, tmp_path: P
     assert st.chunks_of(JOB, first.checkpoint_id, "no-such-file") == []
 
 
+@dataclass
+class Lender:
+    """A store.Borrowed: the extents given, a check that counts its calls or fails."""
+
+    extents: list[tuple[int, int, int, int]]
+    fail: bool = False
+    checks: int = 0
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.fail:
+            raise RuntimeError("inputs.bin changed after the resume")
+
+
+def test_borrowed_ranges_are_read_from_the_lenders_files(repo: Repo, tmp_path: Path) -> None:
+    """A file with holes whose data the caller names elsewhere (a layer tar, its staged inputs
+    left out) is stored as if whole: the same chunks as the whole file, chunks that mix its own
+    bytes and borrowed ones included; check() runs once, after the reads, and failing fails the
+    save before any manifest; a lender shorter than said is an error, never zeros stored."""
+    inputs, more = rand(2 * CHUNK + 777, 8), rand(CHUNK, 9)
+    head, middle, tail = rand(1000, 10), rand(CHUNK - 777 - 1000, 11), rand(5000, 12)
+    whole = head + inputs + middle + more + tail  # more starts at a chunk boundary, as align does
+    assert len(head + inputs + middle) == 3 * CHUNK
+    lender = tmp_path / "inputs.bin"
+    lender.write_bytes(more + inputs)
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "rootfs.tar", "wb") as f:  # the borrowed ranges are holes
+        f.write(head)
+        f.seek(len(inputs), os.SEEK_CUR)
+        f.write(middle)
+        f.seek(len(more), os.SEEK_CUR)
+        f.write(tail)
+    st = repo.open()
+    plain = st.save("whole", write_tree(tmp_path / "whole", {"rootfs.tar": (whole, 0o644)}), {})
+    fd = os.open(lender, os.O_RDONLY)
+    try:
+        extents = [(1000, fd, len(more), len(inputs)), (3 * CHUNK, fd, 0, len(more))]
+        ok = Lender(extents)
+        info = st.save(JOB, src, {}, borrowed={"rootfs.tar": ok}, release=True)
+
+        assert ok.checks == 1
+        assert st.chunks_of(JOB, info.checkpoint_id, "rootfs.tar") == st.chunks_of(
+            "whole", plain.checkpoint_id, "rootfs.tar"
+        )
+        st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+        assert (tmp_path / "d" / "rootfs.tar").read_bytes() == whole
+        with pytest.raises(StoreError, match=r"inputs\.bin changed"):
+            st.save(JOB, src, {}, borrowed={"rootfs.tar": Lender(extents, fail=True)})
+        os.truncate(lender, len(more) + CHUNK)
+        with pytest.raises(StoreError, match=r"the data .*rootfs\.tar borrows shrank"):
+            st.save(JOB, src, {}, borrowed={"rootfs.tar": Lender(extents)})
+    finally:
+        os.close(fd)
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [info.checkpoint_id]
+    assert inflight_keys(st, JOB) == []
+
+
 def test_incompressible_chunks_are_framed_raw_and_any_zstd_reads_them(repo: Repo, tmp_path: Path) -> None:
     """Random pages skip the compressor (a raw-block frame, RFC 8878) and text is compressed;
     both are plain zstd frames, verified and restored alike."""

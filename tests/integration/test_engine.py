@@ -455,35 +455,38 @@ def test_streamed_restore_decodes_recurring_memory_once(
         continues_from(out, at)
 
 
-def test_big_unchanged_files_are_copied_after_the_resume(
+def test_big_unchanged_files_are_read_after_the_resume_never_copied(
     services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An interval checkpoint pins big files the job left alone and copies them once it runs
-    again: the restore gets them as they were; one changed meanwhile fails that checkpoint only."""
+    """An interval checkpoint pins big files the job left alone and the upload reads them once
+    it runs again, straight into the store: the first checkpoint of a job with 32 MiB of staged
+    input fits a 24 MiB work dir (CRIU's images and the rest of the layer do), the restore gets
+    the input as it was; one changed meanwhile fails that checkpoint only."""
     monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every big file counts as left alone
     store = open_store(f"file://{tmp_path / 'store'}")
-    settings = Settings(workdir=str(tmp_path / "work"))
-    old, staged = staged_bundle(tmp_path, memhog, "data/inputs.bin", 3 << 20)
-    with runc_pair(tmp_path, "late") as (runc, ids, out):
+    old, staged = staged_bundle(tmp_path, memhog, "data/inputs.bin", 32 << 20)
+    with runc_pair(tmp_path, "late") as (runc, ids, out), tmpfs(tmp_path / "disk", "24m") as disk:
+        settings = Settings(workdir=str(disk / "work"))
         run_bundle(runc, old, ids[0], out)
-        complete = layer.Capture.complete
+        publish = layer.Capture.publish
 
         def job_writes_first(self: layer.Capture) -> dict:
-            with open(staged, "ab") as f:  # the job, running again, before the copy
+            with open(staged, "ab") as f:  # the job, running again, before the upload reads it
                 f.write(b"appended after the resume")
-            return complete(self)
+            return publish(self)
 
-        monkeypatch.setattr(layer.Capture, "complete", job_writes_first)
-        with pytest.raises(layer.LayerChanged, match=r"inputs\.bin"):
+        monkeypatch.setattr(layer.Capture, "publish", job_writes_first)
+        with pytest.raises(engine.EngineError, match=r"inputs\.bin' changed after the container was resumed"):
             engine.checkpoint(runc, ids[0], store, "late", {}, settings)
         assert store.checkpoints("late") == [] and runc.state(ids[0])["status"] == "running"
-        monkeypatch.setattr(layer.Capture, "complete", complete)
+        monkeypatch.setattr(layer.Capture, "publish", publish)
 
         info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
         assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
         want = staged.read_bytes()
         new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
-        rootfs = restore_elsewhere(runc, ids, out, new, store, "late", settings)
+        restore_settings = Settings(workdir=str(tmp_path / "work"))
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "late", restore_settings)
         assert (rootfs / "data" / "inputs.bin").read_bytes() == want
 
 
