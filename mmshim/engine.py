@@ -183,6 +183,43 @@ def criu_cpuinfo(criu: str, action: str, images: Path) -> tuple[int, str]:
     return r.returncode, (r.stdout + r.stderr).strip()
 
 
+def image_of(spec: dict, container_id: str) -> str | None:
+    """The id of the image Docker made the container from: the hash of the image's config, the
+    same on every host that pulled it. Read from Docker's config.v2.json of the container, in the
+    directory Docker mounts /etc/hostname from (whatever its data-root). None for a container
+    Docker did not make, or whose config cannot be read (logged)."""
+    for mount in spec.get("mounts") or ():
+        directory = os.path.dirname(str(mount.get("source") or ""))
+        if mount.get("destination") != "/etc/hostname" or os.path.basename(directory) != container_id:
+            continue
+        try:
+            with open(os.path.join(directory, "config.v2.json"), "rb") as f:
+                image = json.load(f).get("Image")
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("cannot read the image id of %s from %s: %s", container_id, directory, e)
+            return None
+        return image if isinstance(image, str) and image else None
+    return None
+
+
+def recorded_spec(spec: dict) -> dict:
+    """The OCI spec as a checkpoint records it: the environment's names without their values,
+    which may be secrets (the viewer shows a checkpoint's metadata)."""
+    process = spec.get("process") or {}
+    names = [str(entry).split("=", 1)[0] for entry in process.get("env") or ()]
+    return {**spec, "process": {**process, "env": names}}
+
+
+def image_misfit(meta: dict, image: str | None) -> str | None:
+    """Why a checkpoint does not fit the new container's image, or None. Its layer diff and the
+    files its processes map only make sense on the image it was taken on, and a tag pushed again
+    between two attempts (`:latest`) names another. Unknown on either side: unchecked."""
+    there = meta.get("image")
+    if there and image and there != image:
+        return f"taken on image {there}, this container's is {image}"
+    return None
+
+
 def cpu_misfit(criu: str, images: Path, meta: dict) -> str | None:
     """Why this host cannot run a checkpoint's processes, or None: another architecture, or a CPU
     that CRIU's own check of the checkpoint's cpuinfo.img refuses (CPU_CAP). Asked before anything
@@ -253,6 +290,8 @@ def checkpoint(
         "container_id": container_id,
         "host": socket.gethostname(),
         "args": (spec.get("process") or {}).get("args"),
+        "image": image_of(spec, container_id),
+        "spec": recorded_spec(spec),
         "versions": versions(runc.runc, criu),
         "urgent": urgent,
         "boot_id": boot_id(),
@@ -434,10 +473,10 @@ def restore(
     CRIU that can (streamer.supported), page images are not fetched first but streamed into
     `runc restore` as they download; a damaged chunk found then fails that restore, marks its
     checkpoint bad and the previous one is tried, as a damage found by a fetch would be. A
-    checkpoint this host cannot run (cpu_misfit) is passed over before its bulk is fetched, and
-    left good (``unfit`` gets its id and why); when no other is left, EngineError says why. On
-    any failure the bundle's rootfs and config are put back as they were, so a plain create can
-    follow.
+    checkpoint this host cannot run (cpu_misfit) or of another image (image_misfit) is passed
+    over before its bulk is fetched, and left good (``unfit`` gets its id and why); when no other
+    is left, EngineError says why. On any failure the bundle's rootfs and config are put back as
+    they were, so a plain create can follow.
     """
     criu = criu_of(runc)
     stream = settings.restore_stream and streamer.supported(criu)
@@ -446,6 +485,7 @@ def restore(
     timings = {} if timings is None else timings
     tried: set[str] = set()
     unfit = {} if unfit is None else unfit
+    image = image_of(spec, container_id)
 
     def attempt() -> CheckpointInfo | None:
         t0 = time.monotonic()
@@ -466,7 +506,7 @@ def restore(
             return add
 
         try:
-            # Which checkpoint, and can this host run it? Only its CPU description is fetched.
+            # Which checkpoint, and can this image and host run it? Only its CPU description is fetched.
             skip = tried | unfit.keys()  # damaged ones whose bad mark could not be written too
             info = fetch(store, job_id, str(dest), checkpoint_id, None, lambda n: n != CPUINFO, skip)
             if info is None:
@@ -477,7 +517,7 @@ def restore(
                         + "; ".join(f"{cid}: {why}" for cid, why in unfit.items())
                     )
                 return None
-            misfit = cpu_misfit(criu, dest / "criu", info.meta)
+            misfit = image_misfit(info.meta, image) or cpu_misfit(criu, dest / "criu", info.meta)
             if misfit:
                 unfit[info.checkpoint_id] = misfit
                 if checkpoint_id is not None:

@@ -256,6 +256,61 @@ def test_no_checkpoint_this_host_can_run_fails_the_restore_saying_why(monkeypatc
         restore_on_this_cpu(monkeypatch, bundle, tmp_path, store, checkpoint_id="new")  # an operator's choice
 
 
+def docker_made(bundle: tuple[str, dict], container_id: str, config: bytes) -> tuple[str, dict]:
+    """The bundle as dockerd makes it: /etc/hostname mounted from the container's directory
+    under Docker's data-root, which holds config.v2.json (``config``)."""
+    path, spec = bundle
+    directory = Path(path) / "data-root" / "containers" / container_id
+    directory.mkdir(parents=True)
+    (directory / "config.v2.json").write_bytes(config)
+    mounts = [{"destination": "/etc/hostname", "source": str(directory / "hostname"), "type": "bind"}]
+    return path, {**spec, "mounts": mounts}
+
+
+@pytest.mark.parametrize(
+    ("container_id", "config", "image"),
+    [
+        ("c1", b'{"Image": "sha256:aa", "Config": {"Image": "busybox"}}', "sha256:aa"),
+        ("c2", b'{"Image": "sha256:aa"}', None),  # another container's directory
+        ("c1", b'{"Config": {}}', None),
+        ("c1", b"not json", None),
+        ("c1", b'["Image"]', None),
+    ],
+)
+def test_the_image_id_is_read_from_dockers_config_of_the_container(
+    bundle, container_id: str, config: bytes, image: str | None
+) -> None:
+    _, spec = docker_made(bundle, container_id, config)
+    assert engine.image_of(spec, "c1") == image
+    assert engine.image_of({"mounts": []}, "c1") is None and engine.image_of({}, "c1") is None
+
+
+def test_the_spec_is_recorded_without_the_environments_values() -> None:
+    spec = {"process": {"args": ["sh"], "env": ["PATH=/bin", "TOKEN=s3cr3t=x", "BARE"]}, "root": {}}
+    assert engine.recorded_spec(spec) == {
+        "process": {"args": ["sh"], "env": ["PATH", "TOKEN", "BARE"]},
+        "root": {},
+    }
+    assert spec["process"]["env"][1] == "TOKEN=s3cr3t=x"  # the container's own is untouched
+
+
+def test_a_checkpoint_of_another_image_is_passed_over_and_kept(monkeypatch, bundle, tmp_path) -> None:
+    """The tag was pushed again between two attempts: the newest checkpoint was taken on the old
+    image and is passed over before its bulk is fetched (left good); one of this image is
+    restored; one with no image recorded (or a container not made by Docker) is not checked."""
+    meta = {"new": {"image": "sha256:old"}, "mid": {"image": "sha256:this"}}
+    made = docker_made(bundle, "c1", b'{"Image": "sha256:this"}')
+    store = FakeStore(["new", "mid", "old"], marks=True, meta=meta)
+    _, info = restore_on_this_cpu(monkeypatch, made, tmp_path, store, unfit=(unfit := {}))
+    assert info is not None and info.checkpoint_id == "mid"
+    assert unfit == {"new": "taken on image sha256:old, this container's is sha256:this"}
+    assert store.fetched == ["mid"] and store.ids == ["new", "mid", "old"]
+    store = FakeStore(["new", "old"], marks=True, meta=meta)
+    (tmp_path / "plain").mkdir()
+    _, info = restore_on_this_cpu(monkeypatch, bundle, tmp_path / "plain", store)
+    assert info is not None and info.checkpoint_id == "new"
+
+
 def test_a_checkpoint_without_a_cpu_description_is_restored_unchecked(monkeypatch, bundle, tmp_path) -> None:
     """Checkpoints taken before they described their CPU: restored as before, no cpu-cap for CRIU
     (which would then look for the missing image and fail)."""

@@ -1,6 +1,7 @@
 """Spot protection end to end: a real dockerd, runc, CRIU, S3 on moto and the IMDS emulator."""
 
 import contextlib
+import json
 import shutil
 import socket
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmshim.demo import expected, workload
-from mmshim.localdocker import IMAGE, Docker
+from mmshim.localdocker import IMAGE, Docker, build_image
 from mmshim.localdocker import wait_for as poll
 from mmshim.store import CheckpointInfo, Store, open_store
 from tests.integration.test_engine import from_another_cpu
@@ -22,6 +23,7 @@ from tests.services import NO_CRIU_PATH
 pytestmark = pytest.mark.integration
 
 JOB = workload(40, 0.25)
+PUSHED_AGAIN = "mmshim-test/busybox:pushed-again"
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +257,36 @@ def test_an_older_checkpoint_this_cpu_can_run_is_restored(
     assert done["checkpoint_id"] == original.checkpoint_id
     assert list(done["passed_over"]) == [foreign.checkpoint_id]
     assert "CPU xsave size mismatch" in done["passed_over"][foreign.checkpoint_id]
+
+
+def test_a_retry_on_an_image_pushed_again_starts_fresh_and_keeps_the_checkpoint(
+    docker: Docker, store: Store, tmp_path: Path
+) -> None:
+    """Between two attempts the job's tag was pushed again (`:latest`): its checkpoint, whose
+    layer diff belongs to the old image, is not laid onto the new one. The job starts fresh on
+    the new image, the reason names both image ids, and the checkpoint stays good. A checkpoint
+    records the image id and the spec, the environment's names without their values."""
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    kept = reclaimed_after_a_checkpoint(docker, store, job, SECRET_TOKEN="s3cr3t")
+    old = docker.out("image", "inspect", "--format", "{{.Id}}", IMAGE).strip()
+    assert kept.meta["image"] == old
+    assert "SECRET_TOKEN" in kept.meta["spec"]["process"]["env"] and "s3cr3t" not in json.dumps(kept.meta)
+    (tmp_path / "release").write_text("pushed again\n")
+    build_image(docker, tmp_path, PUSHED_AGAIN, {"/etc/release": tmp_path / "release"})
+    new = docker.out("image", "inspect", "--format", "{{.Id}}", PUSHED_AGAIN).strip()
+    assert new != old
+    second = docker.run_job(job, 2, ["sh", "-c", JOB], {"MMSHIM_INTERVAL": "600"}, image=PUSHED_AGAIN)
+
+    def attempt_2(name: str) -> list[dict]:
+        return events_of(store, job, 2, name)
+
+    wait_for(lambda: attempt_2("start"), "the second watcher to start")  # a fresh start
+    assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
+    docker.run("rm", "-f", second)
+    wait_for(lambda: attempt_2("exit"), "the second watcher to see the container go")
+    (fallback,) = attempt_2("restore.fallback")
+    assert f"{kept.checkpoint_id}: taken on image {old}, this container's is {new}" in fallback["reason"]
+    assert [(c.checkpoint_id, c.state) for c in store.checkpoints(job)] == [(kept.checkpoint_id, "good")]
 
 
 def test_non_batch_and_unprotected_untouched(docker: Docker, store: Store) -> None:
