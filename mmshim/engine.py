@@ -210,10 +210,14 @@ def recorded_spec(spec: dict) -> dict:
     return {**spec, "process": {**process, "env": names}}
 
 
-def image_misfit(meta: dict, image: str | None) -> str | None:
-    """Why a checkpoint does not fit the new container's image, or None. Its layer diff and the
-    files its processes map only make sense on the image it was taken on, and a tag pushed again
-    between two attempts (`:latest`) names another. Unknown on either side: unchecked."""
+def container_misfit(meta: dict, spec: dict, image: str | None) -> str | None:
+    """Why a checkpoint does not fit the new container, or None: another command, or another
+    image. Its layer diff and the files its processes map only make sense on the image it was
+    taken on, and a tag pushed again between two attempts (`:latest`) names another. An image
+    unknown on either side is not checked."""
+    args = (spec.get("process") or {}).get("args")
+    if meta.get("args") != args:
+        return f"taken of another command ({meta.get('args')}), this container runs {args}"
     there = meta.get("image")
     if there and image and there != image:
         return f"taken on image {there}, this container's is {image}"
@@ -473,10 +477,10 @@ def restore(
     CRIU that can (streamer.supported), page images are not fetched first but streamed into
     `runc restore` as they download; a damaged chunk found then fails that restore, marks its
     checkpoint bad and the previous one is tried, as a damage found by a fetch would be. A
-    checkpoint this host cannot run (cpu_misfit) or of another image (image_misfit) is passed
-    over before its bulk is fetched, and left good (``unfit`` gets its id and why); when no other
-    is left, EngineError says why. On any failure the bundle's rootfs and config are put back as
-    they were, so a plain create can follow.
+    checkpoint of another command or image (container_misfit) or that this host cannot run
+    (cpu_misfit) is passed over before its bulk is fetched, and left good (``unfit`` gets its id
+    and why); when no other is left, EngineError says why. On any failure the bundle's rootfs
+    and config are put back as they were, so a plain create can follow.
     """
     criu = criu_of(runc)
     stream = settings.restore_stream and streamer.supported(criu)
@@ -517,7 +521,7 @@ def restore(
                         + "; ".join(f"{cid}: {why}" for cid, why in unfit.items())
                     )
                 return None
-            misfit = image_misfit(info.meta, image) or cpu_misfit(criu, dest / "criu", info.meta)
+            misfit = container_misfit(info.meta, spec, image) or cpu_misfit(criu, dest / "criu", info.meta)
             if misfit:
                 unfit[info.checkpoint_id] = misfit
                 if checkpoint_id is not None:
@@ -528,11 +532,6 @@ def restore(
             defer = (lambda name: STREAMED.fullmatch(name) is not None) if stream else None
             info = store.fetch(job_id, info.checkpoint_id, str(dest), report(""), defer)
             timings["fetch_s"] = time.monotonic() - t0
-            args = (spec.get("process") or {}).get("args")
-            if info.meta.get("args") != args:
-                raise EngineError(
-                    f"checkpoint {info.checkpoint_id} is of another command ({info.meta.get('args')})"
-                )
             sources = bind_sources(spec, tuple(info.meta.get("mounts") or ()))
             missing = set(info.meta.get("mounts") or ()) - set(sources)
             if missing:

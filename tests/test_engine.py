@@ -311,6 +311,17 @@ def test_a_checkpoint_of_another_image_is_passed_over_and_kept(monkeypatch, bund
     assert info is not None and info.checkpoint_id == "new"
 
 
+def test_a_checkpoint_of_another_command_is_passed_over_unfetched(monkeypatch, bundle, tmp_path) -> None:
+    store = FakeStore(["old"], marks=True, meta={"old": {"args": ["sleep", "9"]}})
+    with pytest.raises(engine.EngineError) as e:
+        restore_on_this_cpu(monkeypatch, bundle, tmp_path, store)
+    assert str(e.value) == (
+        "no checkpoint of this job can be restored here: "
+        "old: taken of another command (['sleep', '9']), this container runs ['sleep', '1']"
+    )
+    assert store.fetched == [] and store.ids == ["old"]
+
+
 def test_a_checkpoint_without_a_cpu_description_is_restored_unchecked(monkeypatch, bundle, tmp_path) -> None:
     """Checkpoints taken before they described their CPU: restored as before, no cpu-cap for CRIU
     (which would then look for the missing image and fail)."""
