@@ -314,6 +314,42 @@ def test_borrowed_ranges_are_read_from_the_lenders_files(repo: Repo, tmp_path: P
     assert inflight_keys(st, JOB) == []
 
 
+def test_a_lender_written_to_mid_save_never_leaves_a_chunk_unlike_its_name(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job writes to a borrowed file between the hashing and the compression of a chunk of
+    it: the stored chunk is still the bytes its name is the hash of (read, not mapped), and the
+    save fails on check(). A chunk unlike its name would be taken as stored by later saves."""
+    lender = tmp_path / "inputs.bin"
+    lender.write_bytes(rand(2 * CHUNK, 13))
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "rootfs.tar", "wb") as f:  # all of it borrowed: a hole
+        f.truncate(2 * CHUNK)
+    st = repo.open()
+    hashed = store_mod.chunk_hash
+
+    def job_writes_after_the_hash(raw: Any) -> str:
+        sha = hashed(raw)
+        with open(lender, "r+b") as f:  # the job, running again
+            f.write(rand(CHUNK, 14))
+        return sha
+
+    monkeypatch.setattr(store_mod, "chunk_hash", job_writes_after_the_hash)
+    fd = os.open(lender, os.O_RDONLY)
+    try:
+        with pytest.raises(StoreError, match="changed"):
+            st.save(JOB, src, {}, borrowed={"rootfs.tar": Lender([(0, fd, 0, 2 * CHUNK)], fail=True)})
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    keys = chunk_keys(st)
+    assert keys and st.checkpoints(JOB) == []
+    for key in keys:
+        data = zstandard.ZstdDecompressor().decompress(st._backend.get(key))
+        assert key.endswith(store_mod.chunk_hash(data))
+
+
 def test_incompressible_chunks_are_framed_raw_and_any_zstd_reads_them(repo: Repo, tmp_path: Path) -> None:
     """Random pages skip the compressor (a raw-block frame, RFC 8878) and text is compressed;
     both are plain zstd frames, verified and restored alike."""
