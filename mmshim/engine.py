@@ -217,7 +217,7 @@ def container_misfit(meta: dict, spec: dict, image: str | None) -> str | None:
     unknown on either side is not checked."""
     args = (spec.get("process") or {}).get("args")
     if meta.get("args") != args:
-        return f"taken of another command ({meta.get('args')}), this container runs {args}"
+        return f"its command was {meta.get('args')}, this container runs {args}"
     there = meta.get("image")
     if there and image and there != image:
         return f"taken on image {there}, this container's is {image}"

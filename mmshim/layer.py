@@ -363,12 +363,11 @@ class _TarWriter:
 
     With cold_after, the data of big files unchanged for that many seconds (cold) is left as a
     hole if ``pin``, noted in ``holes`` for the tar's reader to read once the container runs
-    again (Capture.extents): the freeze then costs
-    metadata and small files, not the size of the layer. With align too, every cold file of at
-    least ``align`` bytes is noted in stats["aligned"] (identity_key: [index of its first chunk,
-    number of whole chunks]), and the whole chunks of one whose key is in ``unchanged`` (the
-    previous checkpoint holds them) are left as a hole that nothing fills: ``reused`` tells the
-    caller where they are.
+    again (Capture.extents): the freeze then costs metadata and small files, not the size of
+    the layer. With align too, every cold file of at least ``align`` bytes is noted in
+    stats["aligned"] (identity_key: [index of its first chunk, number of whole chunks]), and the
+    whole chunks of one whose key is in ``unchanged`` (the previous checkpoint holds them) are
+    left as a hole that nothing fills: ``reused`` tells the caller where they are.
     """
 
     def __init__(
@@ -758,8 +757,8 @@ def start_capture(
     """Capture like capture_diff (diff) or capture_tree, except the data of files over 256 KiB
     whose ctime is older than cold_after seconds (if ``pin``): those are pinned open and their
     data left out (Capture.extents), to be read once the container runs again and then
-    checked not to have changed (Capture.check). tmp_dir (on out_path's file
-    system) keeps the unfinished tar away from out_path's directory. With align (the store's chunk
+    checked not to have changed (Capture.check). tmp_dir (on out_path's file system) keeps
+    the unfinished tar away from out_path's directory. With align (the store's chunk
     size), the data of every file of at least that size starts at a multiple of it in the tar;
     whole chunks of cold files named ``unchanged`` are not copied (Capture.reused, _TarWriter)."""
     try:

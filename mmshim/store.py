@@ -1215,7 +1215,7 @@ def _read_into(fd: int, view: memoryview, offset: int, what: str) -> None:
 def _release(raw: Raw) -> None:
     """Punch a stored chunk's range out of its source file (save's ``release``): its page cache is
     free at once, for the next chunk's copy to take while it is still warm. On this VM (memory
-    left free for 2 s goes back to the host, FREED_LAST in bench/checkpoint.py) copying 2 GiB of
+    left free for 2 s goes back to the host, WARM_MIB in bench/checkpoint.py) copying 2 GiB of
     staged images into chunk files took 2.3 to 2.6 s, and 1.2 to 1.3 s with each range punched
     once copied; the staging never holds a second copy of the checkpoint either."""
     if isinstance(raw, mmap.mmap):

@@ -317,7 +317,7 @@ def test_a_checkpoint_of_another_command_is_passed_over_unfetched(monkeypatch, b
         restore_on_this_cpu(monkeypatch, bundle, tmp_path, store)
     assert str(e.value) == (
         "no checkpoint of this job can be restored here: "
-        "old: taken of another command (['sleep', '9']), this container runs ['sleep', '1']"
+        "old: its command was ['sleep', '9'], this container runs ['sleep', '1']"
     )
     assert store.fetched == [] and store.ids == ["old"]
 
