@@ -28,7 +28,7 @@ die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- Debian packages
 APT_PKGS=(runc iptables docker.io containerd busybox-static python3-venv python3-dev gcc libc6-dev make
-  git ca-certificates curl xz-utils patch
+  git ca-certificates curl xz-utils patch xfsprogs
   libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
   pkgconf protobuf-c-compiler protobuf-compiler python3-protobuf uuid-dev libnftables-dev libaio-dev)
 

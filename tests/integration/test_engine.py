@@ -23,6 +23,7 @@ from mmshim import store as store_mod
 from mmshim.config import Settings
 from mmshim.localdocker import IMAGE, Docker, build_image, wait_for
 from mmshim.store import open_store
+from tests.disks import tmpfs, xfs
 from tests.test_cli import Drain
 from tests.test_store import counting
 
@@ -143,17 +144,6 @@ def test_tty_container_is_not_checkpointed_and_says_why(
     (event,) = store.events(job)
     assert event["event"] == "protection.skipped" and "TTY" in event["reason"]
     assert store.checkpoints(job) == []
-
-
-@contextlib.contextmanager
-def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
-    """A disk of ``size`` at ``mnt`` (a tmpfs), for what must fit or fail for want of room."""
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture
@@ -453,6 +443,27 @@ def test_streamed_restore_decodes_recurring_memory_once(
         assert restored is not None and restored.deferred  # streamed
         assert sorted(d for d in decoded if d in only_pages) == sorted(only_pages)  # once each
         continues_from(out, at)
+
+
+def test_a_frozen_copy_shares_blocks_on_xfs_with_reflink(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path
+) -> None:
+    """A Spot-notice checkpoint copies the layer while the container is frozen. On XFS with
+    reflink (a host's root file system, say, with Docker's layers and the work dir on it),
+    the copy shares the input's blocks: a job with 160 MiB of staged input on a 300 MiB disk
+    is checkpointed (two copies would not fit), and the restore has the input as it was."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    with xfs(tmp_path / "disk") as disk, runc_pair(tmp_path, "xfs") as (runc, ids, out):
+        old, staged = staged_bundle(disk, memhog, "data/inputs.bin", 160 << 20)
+        run_bundle(runc, old, ids[0], out)
+        settings = Settings(workdir=str(disk / "work"))
+        info = engine.checkpoint(runc, ids[0], store, "xfs", {}, settings, urgent=True)
+        assert info.meta["layer"]["copied_later"] == 0  # all of it copied frozen
+        want = staged.read_bytes()
+        new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
+        settings = Settings(workdir=str(tmp_path / "work"))
+        rootfs = restore_elsewhere(runc, ids, out, new, store, "xfs", settings)
+        assert (rootfs / "data" / "inputs.bin").read_bytes() == want
 
 
 def test_big_unchanged_files_are_read_after_the_resume_never_copied(
