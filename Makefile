@@ -17,4 +17,5 @@ bench: setup
 	$(PY) bench/passthrough.py
 	$(PY) bench/protection.py
 	$(PY) bench/checkpoint.py
+	$(PY) bench/layer.py
 	$(PY) bench/viewer.py
