@@ -445,6 +445,24 @@ def test_streamed_restore_decodes_recurring_memory_once(
         continues_from(out, at)
 
 
+def restores_with_input(
+    runc: engine.Runc,
+    ids: list[str],
+    out: Drain,
+    tmp_path: Path,
+    memhog: Path,
+    store: store_mod.Store,
+    job: str,
+    staged: Path,
+) -> None:
+    """restore_elsewhere into a new bundle (and work dir) under tmp_path: the job counts on, and
+    its staged input (staged_bundle's, at data/inputs.bin) is as it was."""
+    want = staged.read_bytes()
+    new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
+    rootfs = restore_elsewhere(runc, ids, out, new, store, job, Settings(workdir=str(tmp_path / "work")))
+    assert (rootfs / "data" / "inputs.bin").read_bytes() == want
+
+
 def test_a_frozen_copy_shares_blocks_on_xfs_with_reflink(
     services_env: dict[str, str], memhog: Path, tmp_path: Path
 ) -> None:
@@ -459,11 +477,7 @@ def test_a_frozen_copy_shares_blocks_on_xfs_with_reflink(
         settings = Settings(workdir=str(disk / "work"))
         info = engine.checkpoint(runc, ids[0], store, "xfs", {}, settings, urgent=True)
         assert info.meta["layer"]["copied_later"] == 0  # all of it copied frozen
-        want = staged.read_bytes()
-        new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
-        settings = Settings(workdir=str(tmp_path / "work"))
-        rootfs = restore_elsewhere(runc, ids, out, new, store, "xfs", settings)
-        assert (rootfs / "data" / "inputs.bin").read_bytes() == want
+        restores_with_input(runc, ids, out, tmp_path, memhog, store, "xfs", staged)
 
 
 def test_big_unchanged_files_are_read_after_the_resume_never_copied(
@@ -494,11 +508,7 @@ def test_big_unchanged_files_are_read_after_the_resume_never_copied(
 
         info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
         assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
-        want = staged.read_bytes()
-        new = memhog_bundle(tmp_path / "new", memhog, STAGED_ARGS)
-        restore_settings = Settings(workdir=str(tmp_path / "work"))
-        rootfs = restore_elsewhere(runc, ids, out, new, store, "late", restore_settings)
-        assert (rootfs / "data" / "inputs.bin").read_bytes() == want
+        restores_with_input(runc, ids, out, tmp_path, memhog, store, "late", staged)
 
 
 def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(

@@ -218,6 +218,21 @@ def test_missing_criu_starts_fresh_and_keeps_the_checkpoint(docker: Docker, stor
     assert attempt_2("checkpoint.committed") == [] and store.latest_good(job) == kept
 
 
+def started_fresh(docker: Docker, store: Store, job: str, second: str) -> dict:
+    """Attempt 2 of the job (container ``second``) started fresh, then its host was reclaimed in
+    turn; its restore.fallback event, which says why."""
+
+    def attempt_2(name: str) -> list[dict]:
+        return events_of(store, job, 2, name)
+
+    wait_for(lambda: attempt_2("start"), "the second watcher to start")  # a fresh start
+    assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
+    docker.run("rm", "-f", second)
+    wait_for(lambda: attempt_2("exit"), "the second watcher to see the container go")
+    (fallback,) = attempt_2("restore.fallback")
+    return fallback
+
+
 def test_a_checkpoint_from_another_cpu_starts_fresh_and_stays_good(
     docker: Docker, store: Store, tmp_path: Path
 ) -> None:
@@ -228,16 +243,7 @@ def test_a_checkpoint_from_another_cpu_starts_fresh_and_stays_good(
     original = reclaimed_after_a_checkpoint(docker, store, job)
     foreign = from_another_cpu(store, job, original, tmp_path)
     store.delete(job, original.checkpoint_id)
-    second = run_job(docker, job, 2, MMSHIM_INTERVAL="600")
-
-    def attempt_2(name: str) -> list[dict]:
-        return events_of(store, job, 2, name)
-
-    wait_for(lambda: attempt_2("start"), "the second watcher to start")  # a fresh start
-    assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
-    docker.run("rm", "-f", second)
-    wait_for(lambda: attempt_2("exit"), "the second watcher to see the container go")
-    (fallback,) = attempt_2("restore.fallback")
+    fallback = started_fresh(docker, store, job, run_job(docker, job, 2, MMSHIM_INTERVAL="600"))
     assert f"{foreign.checkpoint_id}: this host's CPU cannot run what was checkpointed" in fallback["reason"]
     assert "CPU xsave size mismatch" in fallback["reason"]
     assert [(c.checkpoint_id, c.state) for c in store.checkpoints(job)] == [(foreign.checkpoint_id, "good")]
@@ -276,15 +282,7 @@ def test_a_retry_on_an_image_pushed_again_starts_fresh_and_keeps_the_checkpoint(
     new = docker.out("image", "inspect", "--format", "{{.Id}}", PUSHED_AGAIN).strip()
     assert new != old
     second = docker.run_job(job, 2, ["sh", "-c", JOB], {"MMSHIM_INTERVAL": "600"}, image=PUSHED_AGAIN)
-
-    def attempt_2(name: str) -> list[dict]:
-        return events_of(store, job, 2, name)
-
-    wait_for(lambda: attempt_2("start"), "the second watcher to start")  # a fresh start
-    assert docker.out("exec", second, "cat", "/data/started") == "started by attempt 2\n"
-    docker.run("rm", "-f", second)
-    wait_for(lambda: attempt_2("exit"), "the second watcher to see the container go")
-    (fallback,) = attempt_2("restore.fallback")
+    fallback = started_fresh(docker, store, job, second)
     assert f"{kept.checkpoint_id}: taken on image {old}, this container's is {new}" in fallback["reason"]
     assert [(c.checkpoint_id, c.state) for c in store.checkpoints(job)] == [(kept.checkpoint_id, "good")]
 
