@@ -953,23 +953,29 @@ def _copy(
     Elsewhere the kernel copies the data, as sendfile does."""
     os.lseek(dst, dst_off, os.SEEK_SET)
     while count > 0:
-        step = min(count, _COPY_CHUNK)
-        try:
-            n = os.copy_file_range(src, dst, step, src_off)
-        except OSError as e:
-            if e.errno not in _NOT_HERE:
-                raise
-            try:
-                n = os.sendfile(dst, src, src_off, step)
-            except OSError as e2:
-                if e2.errno not in _NOT_HERE:
-                    raise
-                data = os.pread(src, min(count, _FLUSH_AT), src_off)
-                n = len(data) and os.write(dst, data)
+        n = _copy_step(src, src_off, dst, min(count, _COPY_CHUNK))
         if n == 0:
             raise LayerError(short)
         src_off += n
         count -= n
+
+
+def _copy_step(src: int, src_off: int, dst: int, count: int) -> int:
+    """Up to count bytes of src from src_off to dst's offset, by the first call that works here."""
+    try:
+        n = os.copy_file_range(src, dst, count, src_off)
+        if n:
+            return n  # 0: the end, or a file it only pretends to read (procfs before Linux 5.19)
+    except OSError as e:
+        if e.errno not in _NOT_HERE:
+            raise
+    try:
+        return os.sendfile(dst, src, src_off, count)
+    except OSError as e:
+        if e.errno not in _NOT_HERE:
+            raise
+    data = os.pread(src, min(count, _FLUSH_AT), src_off)
+    return len(data) and os.write(dst, data)
 
 
 class _Applier:

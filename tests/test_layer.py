@@ -3,6 +3,7 @@
 Needs root (mount, chown, mknod). Test data stays small: the one big file is sparse.
 """
 
+import errno
 import hashlib
 import io
 import os
@@ -565,6 +566,27 @@ def test_big_files_share_their_blocks_where_the_file_system_can(tmp_path: Path) 
         assert free - _free(disk) < MiB  # not the 128 MiB two copies would take
         assert (disk / "dst" / "input.bin").read_bytes() == data
         assert (disk / "dst" / "log.txt").read_text() == "small, copied\n"
+
+
+@pytest.mark.parametrize("kernel", ["EXDEV", "reads nothing"])
+def test_copies_fall_back_where_copy_file_range_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    """Across file systems copy_file_range fails with EXDEV; on procfs before Linux 5.19 it
+    returns 0 as if at the end. Either way the data is copied by sendfile, whole."""
+
+    def copy_file_range(*args: Any) -> int:
+        if kernel == "EXDEV":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return 0
+
+    monkeypatch.setattr(layer.os, "copy_file_range", copy_file_range)
+    data = os.urandom(3 * MiB + 3)
+    _write(tmp_path / "src" / "big.bin", data)
+    layer.capture_tree(str(tmp_path / "src"), str(tmp_path / "t.tar"), align=ALIGN)
+    (tmp_path / "dst").mkdir()
+    layer.apply_tree(str(tmp_path / "t.tar"), str(tmp_path / "dst"))
+    assert (tmp_path / "dst" / "big.bin").read_bytes() == data
 
 
 def test_tree_round_trip_tmpfs(tmp_path: Path, mounts: list[Path]) -> None:
