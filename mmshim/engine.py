@@ -211,13 +211,18 @@ def recorded_spec(spec: dict) -> dict:
 
 
 def container_misfit(meta: dict, spec: dict, image: str | None) -> str | None:
-    """Why a checkpoint does not fit the new container, or None: another command, or another
-    image. Its layer diff and the files its processes map only make sense on the image it was
-    taken on, and a tag pushed again between two attempts (`:latest`) names another. An image
-    unknown on either side is not checked."""
+    """Why a checkpoint does not fit the new container, or None: another command, a bind mount
+    whose contents it carries and the container lacks, or another image. Its layer diff and the
+    files its processes map only make sense on the image it was taken on, and a tag pushed again
+    between two attempts (`:latest`) names another. An image unknown on either side is not
+    checked."""
     args = (spec.get("process") or {}).get("args")
     if meta.get("args") != args:
         return f"its command was {meta.get('args')}, this container runs {args}"
+    mounts = tuple(meta.get("mounts") or ())
+    missing = sorted(set(mounts) - set(bind_sources(spec, mounts)))
+    if missing:
+        return f"this container lacks the bind mounts {missing}"
     there = meta.get("image")
     if there and image and there != image:
         return f"taken on image {there}, this container's is {image}"
@@ -477,7 +482,7 @@ def restore(
     CRIU that can (streamer.supported), page images are not fetched first but streamed into
     `runc restore` as they download; a damaged chunk found then fails that restore, marks its
     checkpoint bad and the previous one is tried, as a damage found by a fetch would be. A
-    checkpoint of another command or image (container_misfit) or that this host cannot run
+    checkpoint of another command, mounts or image (container_misfit) or that this host cannot run
     (cpu_misfit) is passed over before its bulk is fetched, and left good (``unfit`` gets its id
     and why); when no other is left, EngineError says why. On any failure the bundle's rootfs
     and config are put back as they were, so a plain create can follow.
@@ -533,9 +538,6 @@ def restore(
             info = store.fetch(job_id, info.checkpoint_id, str(dest), report(""), defer)
             timings["fetch_s"] = time.monotonic() - t0
             sources = bind_sources(spec, tuple(info.meta.get("mounts") or ()))
-            missing = set(info.meta.get("mounts") or ()) - set(sources)
-            if missing:
-                raise EngineError(f"the new container lacks the bind mounts {sorted(missing)}")
             lowers = layer.lowerdirs_of(rootfs)
             if not lowers:  # a plain directory: its image kept to undo the apply with
                 kept = layer.keep_image(rootfs)

@@ -311,15 +311,25 @@ def test_a_checkpoint_of_another_image_is_passed_over_and_kept(monkeypatch, bund
     assert info is not None and info.checkpoint_id == "new"
 
 
-def test_a_checkpoint_of_another_command_is_passed_over_unfetched(monkeypatch, bundle, tmp_path) -> None:
-    store = FakeStore(["old"], marks=True, meta={"old": {"args": ["sleep", "9"]}})
+def test_a_checkpoint_of_another_command_or_mounts_is_passed_over_unfetched(
+    monkeypatch, bundle, tmp_path
+) -> None:
+    """The bind mount /data is in the new container, /scratch is not (or not as a bind mount)."""
+    path, spec = bundle
+    spec["mounts"] = [
+        {"destination": "/data", "source": str(tmp_path / "data"), "options": ["rbind", "rw"]},
+        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+    ]
+    meta = {"new": {"mounts": ["/data", "/scratch"]}, "old": {"args": ["sleep", "9"]}}
+    store = FakeStore(["new", "old"], marks=True, meta=meta)
     with pytest.raises(engine.EngineError) as e:
-        restore_on_this_cpu(monkeypatch, bundle, tmp_path, store)
+        restore_on_this_cpu(monkeypatch, (path, spec), tmp_path, store)
     assert str(e.value) == (
         "no checkpoint of this job can be restored here: "
+        "new: this container lacks the bind mounts ['/scratch']; "
         "old: its command was ['sleep', '9'], this container runs ['sleep', '1']"
     )
-    assert store.fetched == [] and store.ids == ["old"]
+    assert store.fetched == [] and store.ids == ["new", "old"]
 
 
 def test_a_checkpoint_without_a_cpu_description_is_restored_unchecked(monkeypatch, bundle, tmp_path) -> None:
