@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,10 +44,15 @@ def bench_host(name: str, image: str | None = None) -> Iterator[tuple[Docker, Pa
         shutil.rmtree(state, ignore_errors=True)
 
 
-def timed(argv: list[str]) -> float:
+def timed_call(call: Callable[[], object]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    call()
     return time.perf_counter() - t0
+
+
+def timed(argv: list[str]) -> float:
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return timed_call(lambda: subprocess.run(argv, check=True, **quiet))
 
 
 def pairs(n: int, base, ours, warmup: int = 2) -> tuple[list[float], list[float]]:

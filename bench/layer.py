@@ -11,11 +11,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from common import TABLE_HEAD, pairs, ratio_row, timed
+from common import TABLE_HEAD, pairs, ratio_row, timed, timed_call
 
 from mmshim import layer
 from tests.disks import xfs
@@ -53,12 +51,6 @@ def rows(root: Path, fs: str) -> list[str]:
     layer.capture_tree(str(src), str(tar), align=CHUNK)
     out.append(ratio_row(f"{fs}: apply from the tar vs cp", *pairs(PAIRS, plain, apply)))
     return out
-
-
-def timed_call(call: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    call()
-    return time.perf_counter() - t0
 
 
 def main() -> None:

@@ -1646,6 +1646,7 @@ class Store:
         if not isinstance(meta, dict):
             raise StoreError(f"meta must be a dict, not {type(meta).__name__}")
         _json_bytes(meta)  # fail before writing anything
+        borrowed = borrowed or {}
         src = Path(src_dir)
         if not src.is_dir():
             raise StoreError(f"cannot save {src}: not a directory")
@@ -1658,9 +1659,9 @@ class Store:
         _fault("inflight_written")
         try:
             ctx, files = self._save_tree(
-                src, known, done, _Progress(progress), gate, reuse or {}, borrowed or {}, release
+                src, known, done, _Progress(progress), gate, reuse or {}, borrowed, release
             )
-            for lender in (borrowed or {}).values():
+            for lender in borrowed.values():
                 lender.check()
             doc = {
                 "format": FORMAT,
