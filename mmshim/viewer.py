@@ -844,6 +844,7 @@ class _SampleWriter:
             return hit
         sha = chunk_hash(raw)
         comp = self.cctx.compress(raw)
+        comp = comp if len(comp) < len(raw) else raw  # what does not compress is stored plain
         self.write(f"chunks/{sha[:2]}/{sha}", comp)
         out = (sha, len(raw), len(comp))
         if len(raw) < 65536:

@@ -69,6 +69,26 @@ def rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def stored_raw(data: bytes) -> bytes:
+    """A stored chunk's raw bytes: a zstd frame decoded, anything else stored plain."""
+    try:
+        return zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError:
+        return data
+
+
+def old_raw_frame(raw: Any) -> list[bytes | memoryview]:
+    """A chunk that did not compress as earlier writers stored it: a zstd frame of raw blocks
+    (RFC 8878: single segment, 8-byte content size, blocks of at most 128 KiB)."""
+    parts: list[bytes | memoryview] = [b"\x28\xb5\x2f\xfd\xe0", len(raw).to_bytes(8, "little")]
+    view = memoryview(raw)
+    for off in range(0, len(raw), 128 * 1024):
+        block = view[off : off + 128 * 1024]
+        last = off + 128 * 1024 >= len(raw)
+        parts += [((len(block) << 3) | last).to_bytes(3, "little"), block]
+    return parts
+
+
 def sparse_pages(size: int, seed: int, pages: int = 24) -> bytes:
     """Mostly zero, like a CRIU page image of a lightly used heap."""
     rng = random.Random(seed)
@@ -346,26 +366,48 @@ def test_a_lender_written_to_mid_save_never_leaves_a_chunk_unlike_its_name(
     keys = chunk_keys(st)
     assert keys and st.checkpoints(JOB) == []
     for key in keys:
-        data = zstandard.ZstdDecompressor().decompress(st._backend.get(key))
-        assert key.endswith(store_mod.chunk_hash(data))
+        assert key.endswith(store_mod.chunk_hash(stored_raw(st._backend.get(key))))
 
 
-def test_incompressible_chunks_are_framed_raw_and_any_zstd_reads_them(repo: Repo, tmp_path: Path) -> None:
-    """Random pages skip the compressor (a raw-block frame, RFC 8878) and text is compressed;
-    both are plain zstd frames, verified and restored alike."""
-    files = {"criu/pages-1.img": (rand(3 * CHUNK, 5), 0o600), "text": (b"the same line\n" * 20000, 0o644)}
+def test_incompressible_chunks_are_stored_plain_and_text_compressed(repo: Repo, tmp_path: Path) -> None:
+    """Random pages skip the compressor and are stored as they are (page-aligned in a chunk
+    file, for a restore to send from it), as is a chunk too small to sample whose zstd frame is
+    not smaller; text is compressed. All are verified and restored alike."""
+    text = b"the same line\n" * 20000
+    files = {PAGES: (rand(3 * CHUNK, 5), 0o600), "text": (text, 0o644), "small": (rand(1000, 6), 0o644)}
     st = repo.open()
     info = st.save(JOB, write_tree(tmp_path / "src", files), {})
     _, entries = st._read_manifest(JOB, info.checkpoint_id)
     by_name = {f.name: f.chunks for f in entries}
-    for sha, raw_len, stored in by_name["criu/pages-1.img"]:
-        data = st._backend.get(f"chunks/{sha[:2]}/{sha}")
-        assert data.startswith(b"\x28\xb5\x2f\xfd\xe0") and stored == len(data) > raw_len
-        assert zstandard.ZstdDecompressor().decompress(data) == files["criu/pages-1.img"][0][:raw_len]
-        break
+    for name, at in ((PAGES, CHUNK), ("small", 0)):
+        sha, raw_len, stored = by_name[name][at // CHUNK]
+        assert stored == raw_len
+        assert st._backend.get(f"chunks/{sha[:2]}/{sha}") == files[name][0][at : at + raw_len]
     assert all(stored < raw_len // 10 for _, raw_len, stored in by_name["text"])
     st.fetch(JOB, info.checkpoint_id, tmp_path / "dest")
     assert read_tree(tmp_path / "dest") == files
+
+
+def test_chunks_an_earlier_writer_framed_as_raw_blocks_are_still_read(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store written before chunks were kept plain: its raw-block frames are fetched and
+    streamed (from their files, in place) as before, and a new checkpoint reuses them."""
+    files = with_mixed_pages(1)
+    st = repo.open()
+    monkeypatch.setattr(store_mod.Store, "_compress", lambda self, raw: old_raw_frame(raw))
+    old = st.save(JOB, write_tree(tmp_path / "src", files), {})
+    monkeypatch.undo()
+    _, entries = st._read_manifest(JOB, old.checkpoint_id)
+    assert all(stored == raw_len + 13 + 3 for f in entries for _, raw_len, stored in f.chunks if raw_len)
+    new = st.save(JOB, write_tree(tmp_path / "src", files), {})
+    assert new.stored == 0
+    for info in (old, new):
+        dest = tmp_path / info.checkpoint_id
+        got = st.fetch(JOB, info.checkpoint_id, dest, defer=PAGES.__eq__)
+        assert drain(got.deferred[PAGES]) == (files[PAGES][0], None)
+        st.fetch(JOB, info.checkpoint_id, dest)
+        assert read_tree(dest) == files
 
 
 def test_growing_files_overlap_dump_and_upload(repo: Repo, tmp_path: Path) -> None:
@@ -623,13 +665,13 @@ def damage(st: Store, job: str, cid: str, how: str, exclude: set[str]) -> None:
     key = sorted(manifest_chunks(st, job, cid) - exclude)[0]
     b = st._backend
     if how == "corrupt_chunk":  # a valid zstd frame of the right size, but other bytes
-        raw = zstandard.ZstdDecompressor().decompress(b.get(key))
+        raw = stored_raw(b.get(key))
         b.put(key, zstandard.ZstdCompressor().compress(b"\x01" * len(raw)))
     elif how == "garbage_chunk":
         b.put(key, b"definitely not zstd")
     elif how == "delete_chunk":
         b.delete([key])
-    elif how == "flip_last_byte":  # the frame still decodes (a raw block's data, say)
+    elif how == "flip_last_byte":  # still the right size, or a frame that decodes
         data = b.get(key)
         b.put(key, data[:-1] + bytes([data[-1] ^ 1]))
     elif how == "truncate_manifest":
