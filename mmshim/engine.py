@@ -265,6 +265,14 @@ def criu_stats(images: Path) -> dict:
     }
 
 
+class _PinnedChanged(EngineError):
+    """The job changed a layer file pinned for the upload to read (layer.LayerChanged)."""
+
+    def __init__(self, cause: layer.LayerChanged) -> None:
+        super().__init__(f"upload failed: {cause}")
+        self.inodes = cause.inodes
+
+
 def checkpoint(
     runc: Runc,
     container_id: str,
@@ -281,7 +289,30 @@ def checkpoint(
     to the store once the container runs again, which keeps its freeze short; an ``urgent``
     checkpoint (the Spot notice: the host goes in two minutes, the freeze no longer matters)
     writes them while CRIU dumps, and so commits sooner.
+    A big layer file the job left alone for a minute is read by the upload after the resume;
+    one the job writes to before that read (a log appended every few minutes, say) fails that
+    attempt only: the checkpoint is taken again at once with those files copied frozen, and its
+    metadata says why (``retried``).
     """
+    args = (runc, container_id, store, job_id)
+    try:
+        return _checkpoint(*args, meta, settings, progress, urgent)
+    except _PinnedChanged as e:
+        log.warning("%s; checkpointing again with the files that changed copied while frozen", e)
+        return _checkpoint(*args, {**meta, "retried": str(e)}, settings, progress, urgent, e.inodes)
+
+
+def _checkpoint(
+    runc: Runc,
+    container_id: str,
+    store: Store,
+    job_id: str,
+    meta: dict,
+    settings: Settings,
+    progress: Callable[[int], None] | None,
+    urgent: bool,
+    copy_now: Collection[tuple[int, int]] = (),
+) -> CheckpointInfo:
     criu = criu_of(runc)
     cpuinfo = cpuinfo_image(criu)
     state = runc.state(container_id)
@@ -360,6 +391,7 @@ def checkpoint(
                 align=store.chunk_size,
                 pin=not urgent,
                 unchanged=unchanged.keys(),
+                copy_now=copy_now,
             )
             borrowed[LAYER_TAR] = captured
             reuse[LAYER_TAR] = {
@@ -411,8 +443,15 @@ def checkpoint(
         if uploader.is_alive():
             uploader.join()
         if captured is not None:
+            if "error" in result:  # a pinned file cut short fails a read first: the change is why
+                try:
+                    captured.check()
+                except layer.LayerChanged as e:
+                    result["error"] = e
             captured.close()  # after the upload, which reads the pinned files
         remove_later(stage, work)
+    if isinstance(result.get("error"), layer.LayerChanged):
+        raise _PinnedChanged(result["error"]) from result["error"]
     if "error" in result:
         raise EngineError(f"upload failed: {result['error']}") from result["error"]
     return result["info"]

@@ -92,7 +92,12 @@ class TooLarge(LayerError):
 
 
 class LayerChanged(LayerError):
-    """A file pinned to be copied after the resume changed first; nothing was left at out_path."""
+    """Files pinned to be read after the resume changed first (``inodes``: their st_dev and
+    st_ino, for start_capture's copy_now)."""
+
+    def __init__(self, message: str, inodes: list[tuple[int, int]]) -> None:
+        super().__init__(message)
+        self.inodes = inodes
 
 
 # ---------------------------------------------------------------------------------------- mounts
@@ -345,6 +350,7 @@ class _Pinned:
     fd: int  # a dup: the inode seen frozen, whatever is later renamed over its path
     seen: tuple[int, int, int]  # size, mtime, ctime when frozen: the data is unchanged while equal
     what: str
+    inode: tuple[int, int]  # st_dev, st_ino: start_capture's copy_now names it
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
@@ -379,6 +385,7 @@ class _TarWriter:
         align: int | None = None,
         pin: bool = True,
         unchanged: Collection[str] = (),
+        copy_now: Collection[tuple[int, int]] = (),
     ) -> None:
         self.out_path = out_path
         self.max_bytes = max_bytes
@@ -393,6 +400,7 @@ class _TarWriter:
         self.cold_before = None if cold_after is None else time.time_ns() - int(cold_after * 1e9)
         self.pin_cold = pin
         self.unchanged = unchanged
+        self.copy_now = copy_now
         self.reused: dict[str, int] = {}  # identity_key -> index of the first chunk left as a hole
         self.pinned: list[_Pinned] = []
         self.holes: list[tuple[int, _Pinned, int, int]] = []  # tar offset, file, offset, count
@@ -407,10 +415,13 @@ class _TarWriter:
         """The file (fd, st its fstat), pinned for a later read, if its ``count`` bytes still to copy
         may wait: over 256 KiB, and the file cold. check() refuses any change of the inode meanwhile,
         even one that keeps the data (a chmod, a rename over it): the capture fails, the next one
-        copies the file frozen (it is new)."""
+        copies the file frozen (it is new). Nor is a file in ``copy_now``."""
         if not self.pin_cold or len(self.pinned) >= _MAX_PINNED or count <= _SMALL_FILE or not self.cold(st):
             return None
-        pinned = _Pinned(os.dup(fd), _identity(st), what)
+        inode = (st.st_dev, st.st_ino)
+        if inode in self.copy_now:
+            return None
+        pinned = _Pinned(os.dup(fd), _identity(st), what, inode)
         self.pinned.append(pinned)
         return pinned
 
@@ -502,12 +513,13 @@ class _TarWriter:
 
     def check(self) -> None:
         """Refuse the capture if a pinned file changed since frozen."""
-        for pinned in self.pinned:
-            if _identity(os.fstat(pinned.fd)) != pinned.seen:
-                raise LayerChanged(
-                    f"{pinned.what!r} changed after the container was resumed, before its data was read; "
-                    "the capture no longer matches the frozen memory"
-                )
+        changed = [pinned for pinned in self.pinned if _identity(os.fstat(pinned.fd)) != pinned.seen]
+        if changed:
+            raise LayerChanged(
+                f"{changed[0].what!r} changed after the container was resumed, before its data was read; "
+                "the capture no longer matches the frozen memory",
+                [pinned.inode for pinned in changed],
+            )
 
     def publish(self) -> None:
         os.close(self.fd)
@@ -749,6 +761,7 @@ def start_capture(
     align: int | None = None,
     pin: bool = True,
     unchanged: Collection[str] = (),
+    copy_now: Collection[tuple[int, int]] = (),
 ) -> Capture:
     """Capture like capture_diff (diff) or capture_tree, except the data of files over 256 KiB
     whose ctime is older than cold_after seconds (if ``pin``): those are pinned open and their
@@ -756,9 +769,10 @@ def start_capture(
     checked not to have changed (Capture.check). tmp_dir (on out_path's file system) keeps
     the unfinished tar away from out_path's directory. With align (the store's chunk
     size), the data of every file of at least that size starts at a multiple of it in the tar;
-    whole chunks of cold files named ``unchanged`` are not copied (Capture.reused, _TarWriter)."""
+    whole chunks of cold files named ``unchanged`` are not copied (Capture.reused, _TarWriter).
+    Files in ``copy_now`` (st_dev, st_ino), seen changing while pinned, are copied frozen."""
     try:
-        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir, align, pin, unchanged)
+        writer = _TarWriter(out_path, max_bytes, cold_after, tmp_dir, align, pin, unchanged, copy_now)
     except OSError as e:
         raise LayerError(f"cannot create {out_path}: {e}") from e
     try:

@@ -451,13 +451,34 @@ def test_a_pinned_file_changed_after_the_freeze_fails_the_check(
     capture = _start(upper, tmp_path / "t.tar", cold_after=0)
     capture.publish()
     capture.check()  # unchanged so far
+    st = os.stat(upper / "big/one.bin")
     change(merged / "big/one.bin")  # the job, running again, before the reader is done
 
-    with pytest.raises(layer.LayerChanged, match=r"big/one\.bin"):
+    with pytest.raises(layer.LayerChanged, match=r"big/one\.bin") as raised:
         capture.check()
 
+    assert raised.value.inodes == [(st.st_dev, st.st_ino)]  # for the next capture's copy_now
     capture.close()
     assert _open_fds() == fds and os.listdir(tmp_path / "pending") == []
+
+
+def test_files_seen_changing_while_pinned_are_copied_frozen(tmp_path: Path, mounts: list[Path]) -> None:
+    """copy_now names files that changed while pinned last time: the next capture copies them
+    frozen, and pins the other cold files as before."""
+    (tmp_path / "lower").mkdir()
+    _, upper, merged = _overlay(tmp_path, mounts)
+    _big_files(merged)
+    frozen = tmp_path / "frozen.tar"
+    _start(upper, frozen, cold_after=None).publish()
+    st = os.stat(upper / "big/one.bin")
+    out = tmp_path / "out" / "t.tar"
+
+    capture = _start(upper, out, cold_after=0, copy_now=[(st.st_dev, st.st_ino)])
+
+    stats = capture.publish()
+    assert stats["copied_later"] == sum(n for *_, n in capture.extents) == MiB + MiB  # two, sparse
+    _read_in(capture, out)
+    assert out.read_bytes() == frozen.read_bytes()
 
 
 def test_pinned_files_need_no_room_beside_the_tar(tmp_path: Path, mounts: list[Path]) -> None:

@@ -486,29 +486,54 @@ def test_big_unchanged_files_are_read_after_the_resume_never_copied(
     """An interval checkpoint pins big files the job left alone and the upload reads them once
     it runs again, straight into the store: the first checkpoint of a job with 32 MiB of staged
     input fits a 24 MiB work dir (CRIU's images and the rest of the layer do), the restore gets
-    the input as it was; one changed meanwhile fails that checkpoint only."""
+    the input as it was."""
     monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every big file counts as left alone
     store = open_store(f"file://{tmp_path / 'store'}")
     old, staged = staged_bundle(tmp_path, memhog, "data/inputs.bin", 32 << 20)
     with runc_pair(tmp_path, "late") as (runc, ids, out), tmpfs(tmp_path / "disk", "24m") as disk:
         settings = Settings(workdir=str(disk / "work"))
         run_bundle(runc, old, ids[0], out)
-        publish = layer.Capture.publish
+        info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
+        assert info.meta["layer"]["copied_later"] >= staged.stat().st_size and "retried" not in info.meta
+        restores_with_input(runc, ids, out, tmp_path, memhog, store, "late", staged)
+
+
+@pytest.mark.parametrize("change", ["append", "truncate"])
+def test_a_pinned_file_written_before_the_upload_reads_it_is_copied_frozen_at_once(
+    services_env: dict[str, str], memhog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The job writes to a file it had left alone, after the resume and before the upload read
+    it (a log written every few minutes): that attempt fails, the checkpoint is taken again at
+    once with the file copied while frozen, and commits, saying why. The job runs on and the
+    restore has the file as the second freeze saw it. A file cut short fails the upload's read
+    first; the change is still found to be why."""
+    monkeypatch.setattr(engine, "LAYER_COLD_SECONDS", 0.0)  # every big file counts as left alone
+    store = open_store(f"file://{tmp_path / 'store'}")
+    settings = Settings(workdir=str(tmp_path / "work"))
+    old, staged = staged_bundle(tmp_path, memhog, "data/inputs.bin", 4 << 20)
+    with runc_pair(tmp_path, "retry") as (runc, ids, out):
+        run_bundle(runc, old, ids[0], out)
+        publish, attempts = layer.Capture.publish, []
 
         def job_writes_first(self: layer.Capture) -> dict:
-            with open(staged, "ab") as f:  # the job, running again, before the upload reads it
-                f.write(b"appended after the resume")
+            attempts.append(self.extents)
+            if len(attempts) == 1:  # the job, running again, before the upload reads the file
+                with open(staged, "ab") as f:
+                    if change == "append":
+                        f.write(b"appended after the resume")
+                    else:
+                        f.truncate(1 << 20)
             return publish(self)
 
         monkeypatch.setattr(layer.Capture, "publish", job_writes_first)
-        with pytest.raises(engine.EngineError, match=r"inputs\.bin' changed after the container was resumed"):
-            engine.checkpoint(runc, ids[0], store, "late", {}, settings)
-        assert store.checkpoints("late") == [] and runc.state(ids[0])["status"] == "running"
-        monkeypatch.setattr(layer.Capture, "publish", publish)
+        info = engine.checkpoint(runc, ids[0], store, "retry", {}, settings)
 
-        info = engine.checkpoint(runc, ids[0], store, "late", {}, settings)
-        assert info.meta["layer"]["copied_later"] >= staged.stat().st_size
-        restores_with_input(runc, ids, out, tmp_path, memhog, store, "late", staged)
+        assert "inputs.bin' changed after the container was resumed" in info.meta["retried"]
+        pinned = [[count for *_, count in extents] for extents in attempts]  # memhog's binary too
+        assert len(pinned) == 2 and 4 << 20 in pinned[0] and 4 << 20 not in pinned[1]  # then copied frozen
+        assert [c.checkpoint_id for c in store.checkpoints("retry")] == [info.checkpoint_id]
+        assert runc.state(ids[0])["status"] == "running"
+        restores_with_input(runc, ids, out, tmp_path, memhog, store, "retry", staged)
 
 
 def test_a_growing_log_before_a_staged_input_does_not_store_the_input_again(
