@@ -4,9 +4,10 @@ A checkpoint holds what a restore on a NEW host needs: CRIU's images, the overla
 (CRIU does not carry it) and the contents of chosen bind mounts such as Docker's /dev/shm. The
 container is paused while the layer is captured and CRIU dumps, so the three are consistent; it
 resumes as soon as CRIU is done. Big files of the layer that the job left alone for a minute are
-only pinned while it is paused, and read into the store after (checked unchanged), never copied
-to the work dir; those unchanged since the job's last checkpoint on this boot are not read at
-all (its chunks are reused, unchanged_files).
+only pinned while it is paused, and read into the store after (checked unchanged: one the job
+wrote to first is copied paused in a second attempt), never copied to the work dir; those
+unchanged since the job's last checkpoint on this boot are not read at all (its chunks are
+reused, unchanged_files).
 The upload reads, hashes and compresses the images while CRIU writes them, but writes nothing to
 the store until the container runs again (store.Gate).
 """
