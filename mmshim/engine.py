@@ -266,14 +266,6 @@ def criu_stats(images: Path) -> dict:
     }
 
 
-class _PinnedChanged(EngineError):
-    """The job changed a layer file pinned for the upload to read (layer.LayerChanged)."""
-
-    def __init__(self, cause: layer.LayerChanged) -> None:
-        super().__init__(f"upload failed: {cause}")
-        self.inodes = cause.inodes
-
-
 def checkpoint(
     runc: Runc,
     container_id: str,
@@ -283,6 +275,7 @@ def checkpoint(
     settings: Settings,
     progress: Callable[[int], None] | None = None,
     urgent: bool = False,
+    copy_now: Collection[tuple[int, int]] = (),
 ) -> CheckpointInfo:
     """Checkpoint a running container, leaving it running; the manifest is committed last.
 
@@ -292,28 +285,10 @@ def checkpoint(
     writes them while CRIU dumps, and so commits sooner.
     A big layer file the job left alone for a minute is read by the upload after the resume;
     one the job writes to before that read (a log appended every few minutes, say) fails that
-    attempt only: the checkpoint is taken again at once with those files copied frozen, and its
-    metadata says why (``retried``).
+    attempt only: the checkpoint is taken again at once with those files (``copy_now``: their
+    st_dev, st_ino) copied frozen, and its metadata says why (``retried``).
     """
-    args = (runc, container_id, store, job_id)
-    try:
-        return _checkpoint(*args, meta, settings, progress, urgent)
-    except _PinnedChanged as e:
-        log.warning("%s; checkpointing again with the files that changed copied while frozen", e)
-        return _checkpoint(*args, {**meta, "retried": str(e)}, settings, progress, urgent, e.inodes)
-
-
-def _checkpoint(
-    runc: Runc,
-    container_id: str,
-    store: Store,
-    job_id: str,
-    meta: dict,
-    settings: Settings,
-    progress: Callable[[int], None] | None,
-    urgent: bool,
-    copy_now: Collection[tuple[int, int]] = (),
-) -> CheckpointInfo:
+    given = meta  # the caller's, for a second attempt
     criu = criu_of(runc)
     cpuinfo = cpuinfo_image(criu)
     state = runc.state(container_id)
@@ -451,10 +426,13 @@ def _checkpoint(
                     result["error"] = e
             captured.close()  # after the upload, which reads the pinned files
         remove_later(stage, work)
-    if isinstance(result.get("error"), layer.LayerChanged):
-        raise _PinnedChanged(result["error"]) from result["error"]
-    if "error" in result:
-        raise EngineError(f"upload failed: {result['error']}") from result["error"]
+    error = result.get("error")
+    if isinstance(error, layer.LayerChanged) and not copy_now:
+        log.warning("upload failed: %s; checkpointing again, the files that changed copied frozen", error)
+        again = {**given, "retried": f"upload failed: {error}"}
+        return checkpoint(runc, container_id, store, job_id, again, settings, progress, urgent, error.inodes)
+    if error is not None:
+        raise EngineError(f"upload failed: {error}") from error
     return result["info"]
 
 
