@@ -598,7 +598,7 @@ def rm_cmd(obj: Obj, job: str, checkpoint: str | None) -> None:
 )
 @pass_obj
 def gc_cmd(obj: Obj, grace: float | None) -> None:
-    """Delete chunks that no checkpoint references, stale in-flight markers and temp files.
+    """Delete chunks and packs that no checkpoint references, stale in-flight markers and temp files.
 
     Deletes nothing while a checkpoint is being saved. The grace period must exceed the longest
     save: a shorter one can delete the chunks of a checkpoint still being written.
@@ -621,6 +621,10 @@ def gc_cmd(obj: Obj, grace: float | None) -> None:
         click.echo(
             f"chunks {result['chunks']}: {result['referenced']} referenced, {result['young']} younger than "
             f"{human_age(grace)}, {result['deleted']} deleted ({human_bytes(result['deleted_bytes'])})"
+        )
+        click.echo(
+            f"packs {result['packs']}: {result['packs_deleted']} deleted, "
+            f"{human_bytes(result['pack_bytes_freed'])} freed in all"
         )
         click.echo(f"stale in-flight markers deleted: {result['stale_markers']}")
         click.echo(f"temp files deleted: {result['temp_files']}")

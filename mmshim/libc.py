@@ -23,11 +23,11 @@ def _call(name: str, *argtypes: str) -> Callable[..., int] | None:
     return call
 
 
-def start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to disk, without waiting; an error is the next
-    fsync's to report."""
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing the file's dirty pages (in the range; length 0: to the end) to disk,
+    without waiting; an error is the next fsync's to report."""
     if (call := _call("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")) is not None:
-        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -8,7 +8,7 @@ uploads only what changed.
 
 URLs: ``file:///abs/path`` (or a bare absolute path) and ``s3://bucket/prefix``.
 
-Repository format (version 2), keys relative to the store root
+Repository format (version 2, or 3 where a manifest names packs), keys relative to the store root
 ------------------------------------------------------------------
 ``chunks/<sha[:2]>/<sha>``
     One chunk of a file: the raw bytes whose BLAKE3 hash (256 bits, hex) is <sha>, as they are
@@ -26,14 +26,27 @@ Repository format (version 2), keys relative to the store root
     file is exactly ``{"manifest":<body>,"sha256":"<hex>"}`` + newline, where <hex> is the SHA-256 of
     the bytes of <body>, so a truncated or altered manifest is detected. <body> holds::
 
-        {"format": 2, "job_id", "checkpoint_id", "created" (epoch s), "chunk_size",
+        {"format": 2 or 3, "job_id", "checkpoint_id", "created" (epoch s), "chunk_size",
          "compression": "zstd", "size" (raw bytes), "stored" (bytes newly written), "meta": {...},
          "files": [{"name": "criu/pages-1.img", "size", "mode", "chunks": [[sha, raw_len, stored_len], ...]}]}
 
     ``name`` is relative, "/"-separated, without "", "." or ".." parts. ``stored_len`` (the chunk
-    object's size) lets a download skip a HEAD. The manifest is written after every chunk it
-    names is durable, in one atomic step (file: temp file + fsync + rename + fsync of the dir;
-    S3: one PUT), so a crash never leaves a manifest that looks complete but is not.
+    object's size) lets a download skip a HEAD. In format 3 a chunk may instead be
+    ``[sha, raw_len, raw_len, pack, offset]``: stored plain at ``offset`` in the job's pack
+    ``pack`` (below); a manifest without such chunks is written as format 2. The manifest is
+    written after every chunk it names is durable, in one atomic step (file: temp file + fsync +
+    rename + fsync of the dir; S3: one PUT), so a crash never leaves a manifest that looks
+    complete but is not.
+``jobs/<job>/packs/<checkpoint_id>-<n>``
+    A file of the caller's scratch that a file store took over whole (save's ``release``): a
+    checkpoint's page image, renamed into the store instead of copied, holding in place the
+    chunk-size chunks of it that did not compress and were new, the rest punched out of it
+    (holes). Why: copying 2 GiB of random memory into chunk files, then writing them back, took
+    1.6 to 3.0 s after the dump here; hashing the image where CRIU wrote it and making it
+    durable takes 1.1 to 1.4 s (fsync alone about 1.0 s). Only where the scratch is on the
+    store's file system; an S3 store never has packs. Named by the save that made it; later
+    checkpoints of the job reference its ranges. gc deletes a pack no kept manifest references
+    and punches out the ranges none does.
 ``jobs/<job>/inflight/<checkpoint_id>``
     JSON ``{"created", "host", "pid"}``, written before a save's first chunk and removed after its
     manifest. While one younger than the grace period exists, gc deletes nothing.
@@ -114,6 +127,7 @@ __all__ = [
 log = logging.getLogger("mmshim.store")
 
 FORMAT = 2
+FORMAT_PACKED = 3  # a manifest naming packs; FORMAT readers would take its chunk entries for damage
 KiB = 1024
 MiB = 1024 * KiB
 DEFAULT_CHUNK_SIZE = 4 * MiB
@@ -127,6 +141,7 @@ _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _CID_RE = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}")
 _EVENT_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}\.json")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+_PACK_RE = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}-\d{1,6}")
 _TMP_PREFIX = ".tmp-"
 _MANIFEST_HEAD = b'{"manifest":'
 
@@ -250,6 +265,15 @@ def _manifest_key(job: str, cid: str) -> str:
     return f"jobs/{job}/checkpoints/{cid}.json"
 
 
+def _pack_key(job: str, name: str) -> str:
+    return f"jobs/{job}/packs/{name}"
+
+
+def _locate(sha: str, place: Place | None) -> tuple[str, int | None]:
+    """Where a chunk's stored bytes are: its own object (whole), or a range of a pack."""
+    return place if place is not None else (_chunk_key(sha), None)
+
+
 # What a PUT takes: bytes, or pieces written in one writev (a chunk framed without copying it).
 Raw = bytes | bytearray | mmap.mmap  # a chunk's bytes: read, or mapped (_map_chunk)
 Data = bytes | list[bytes | memoryview]
@@ -333,12 +357,13 @@ def _decode_manifest(data: bytes, where: str) -> dict[str, Any]:
         raise CheckpointUnusable(f"manifest {where} is truncated: checksum missing ({len(data)} bytes)")
     if hashlib.sha256(data[len(_MANIFEST_HEAD) : end]).hexdigest() != m.group(1):
         raise CheckpointUnusable(f"manifest {where} is damaged: checksum mismatch")
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") not in (FORMAT, FORMAT_PACKED):
         raise CheckpointUnusable(f"manifest {where} has unknown format {doc.get('format')!r}")
     return doc
 
 
 Chunk = tuple[str, int, int]  # sha, raw length, stored length
+Place = tuple[str, int]  # a packed chunk's pack (key) and offset in it
 
 
 @dataclass
@@ -347,9 +372,10 @@ class _FileEntry:
     size: int
     mode: int
     chunks: list[Chunk]
+    places: dict[str, Place]  # sha -> where in a pack, for packed chunks
 
 
-def _manifest_files(doc: dict[str, Any], where: str) -> list[_FileEntry]:
+def _manifest_files(doc: dict[str, Any], where: str, job: str) -> list[_FileEntry]:
     """The manifest's files, checked so that a fetch can trust them (names, sizes, chunk lists)."""
 
     def bad(why: str) -> CheckpointUnusable:
@@ -369,15 +395,23 @@ def _manifest_files(doc: dict[str, Any], where: str) -> list[_FileEntry]:
         if not isinstance(size, int) or size < 0 or not isinstance(mode, int) or not isinstance(chunks, list):
             raise bad(f"bad size/mode/chunks for {name!r}")
         entries = []
+        places: dict[str, Place] = {}
         for c in chunks:
             if (
                 not isinstance(c, list)
-                or len(c) != 3
+                or len(c) not in ((3, 5) if doc.get("format") == FORMAT_PACKED else (3,))
                 or not isinstance(c[0], str)
                 or not _SHA_RE.fullmatch(c[0])
-                or not all(isinstance(n, int) and n > 0 for n in c[1:])
+                or not all(isinstance(n, int) and n > 0 for n in c[1:3])
             ):
                 raise bad(f"bad chunk entry {c!r} for {name!r}")
+            if len(c) == 5:  # packed: stored plain, at an offset of a pack of this job
+                pack, at = c[3], c[4]
+                if not (isinstance(pack, str) and _PACK_RE.fullmatch(pack) and isinstance(at, int)):
+                    raise bad(f"bad chunk entry {c!r} for {name!r}")
+                if c[2] != c[1] or at < 0:
+                    raise bad(f"packed chunk {c!r} for {name!r} is not stored plain")
+                places[c[0]] = (_pack_key(job, pack), at)
             entries.append((c[0], c[1], c[2]))
         if sum(c[1] for c in entries) != size:
             raise bad(f"chunks of {name!r} do not add up to its size {size}")
@@ -388,7 +422,7 @@ def _manifest_files(doc: dict[str, Any], where: str) -> list[_FileEntry]:
             raise bad(f"{name!r} is inside a file")
         names.add(name)
         dirs |= parents
-        out.append(_FileEntry(name, size, mode & MODE_MASK, entries))
+        out.append(_FileEntry(name, size, mode & MODE_MASK, entries, places))
     return out
 
 
@@ -408,7 +442,7 @@ class _Transfers(Protocol):
     """Chunk transfers of one save or fetch; futures complete from the transfer threads."""
 
     def put(self, key: str, data: Data) -> cf.Future[None]: ...
-    def get(self, key: str, size: int) -> cf.Future[bytes]: ...
+    def get(self, key: str, size: int, at: int | None = None) -> cf.Future[bytes]: ...
     def durable(self) -> None: ...
     def __enter__(self) -> _Transfers: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -418,12 +452,16 @@ class _Backend(Protocol):
     url: str
 
     def put(self, key: str, data: bytes, *, bulk: bool = False) -> None: ...
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, at: int | None = None, size: int = 0) -> bytes:
+        """The object's bytes; with ``at``, ``size`` of them from there."""
+        ...
+
     def head(self, key: str) -> _Obj | None: ...
     def list(self, prefix: str) -> Iterator[_Obj]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
     def transfers(self) -> _Transfers: ...
+    def trim(self, key: str, keep: list[tuple[int, int]]) -> int: ...
     def sweep(self, older_than: float) -> int: ...
     def close(self) -> None: ...
 
@@ -537,13 +575,14 @@ class _FileBackend:
                     os.unlink(tmp)
             raise self._error("write", path, e) from e
 
-    def get(self, key: str) -> bytes:
-        fd, data = self.open_read(key)
+    def get(self, key: str, at: int | None = None, size: int = 0) -> bytes:
+        fd, data = self.open_read(key, at, size)
         os.close(fd)
         return data
 
-    def open_read(self, key: str) -> tuple[int, bytes]:
-        """The file, open (the caller closes it), and its bytes."""
+    def open_read(self, key: str, at: int | None = None, size: int = 0) -> tuple[int, bytes]:
+        """The file, open (the caller closes it), and its bytes; with ``at``, ``size`` of them
+        from there (fewer where it ends sooner: a packed chunk then fails its check)."""
         path = self._path(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -552,6 +591,8 @@ class _FileBackend:
         except OSError as e:
             raise self._error("read", path, e) from e
         try:
+            if at is not None:
+                return fd, os.pread(fd, size, at)
             with open(fd, "rb", closefd=False) as f:
                 return fd, f.read()
         except BaseException as e:
@@ -618,6 +659,25 @@ class _FileBackend:
     def transfers(self) -> _FileTransfers:
         return _FileTransfers(self)
 
+    def trim(self, key: str, keep: list[tuple[int, int]]) -> int:
+        """Punch out of a pack every range but ``keep`` ((offset, length)); the bytes freed."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise self._error("trim", path, e) from e
+        try:
+            before, at = os.fstat(fd).st_blocks, 0
+            for offset, length in [*sorted(keep), (os.fstat(fd).st_size, 0)]:
+                if offset > at:
+                    libc.punch_hole(fd, at, offset - at)
+                at = max(at, offset + length)
+            return (before - os.fstat(fd).st_blocks) * 512
+        finally:
+            os.close(fd)
+
     def sweep(self, older_than: float) -> int:
         """Remove temp files left by crashed writers."""
         removed = 0
@@ -652,19 +712,35 @@ class _FileTransfers:
         """Staged (written, its writeback started); durable and visible after durable()."""
         return self._pool.submit(lambda: self._staged.append(self._backend.stage(key, data)))
 
+    def adopt(self, path: str, key: str) -> bool:
+        """Take the file at ``path`` whole as the object ``key``, durable and visible after
+        durable() (renamed, not copied); False where it is on another file system."""
+        dest = self._backend._path(key)
+        try:
+            if os.stat(path).st_dev != os.stat(self._backend.root).st_dev:
+                return False
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        except OSError as e:
+            raise self._backend._error("adopt", path, e) from e
+        self._staged.append((path, dest))
+        return True
+
     def durable(self) -> None:
         staged, self._staged = self._staged, []
         self._backend.publish(staged)
 
-    def get(self, key: str, size: int) -> cf.Future[bytes]:
-        return self._pool.submit(self._backend.get, key)
+    def get(self, key: str, size: int, at: int | None = None) -> cf.Future[bytes]:
+        return self._pool.submit(self._backend.get, key, at, size)
 
-    def open(self, key: str, opened: set[int]) -> cf.Future[tuple[int, bytes]]:
-        """The file of a chunk, open, and its bytes: a restore sends what verified from the file.
-        The descriptor is in ``opened`` before the future completes; the caller closes it."""
+    def open(
+        self, key: str, opened: set[int], at: int | None = None, size: int = 0
+    ) -> cf.Future[tuple[int, bytes]]:
+        """The file of a chunk (or a pack), open, and the chunk's bytes: a restore sends what
+        verified from the file. The descriptor is in ``opened`` before the future completes; the
+        caller closes it."""
 
         def task() -> tuple[int, bytes]:
-            fd, data = self._backend.open_read(key)
+            fd, data = self._backend.open_read(key, at, size)
             opened.add(fd)
             return fd, data
 
@@ -788,9 +864,10 @@ class _S3Backend:
         except Exception as e:
             raise self.error("PUT", key, e) from e
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, at: int | None = None, size: int = 0) -> bytes:
+        ranged = {} if at is None else {"Range": f"bytes={at}-{at + size - 1}"}
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key), **ranged)["Body"].read()
         except Exception as e:
             raise self.error("GET", key, e) from e
 
@@ -850,6 +927,11 @@ class _S3Backend:
     def transfers(self) -> _S3Transfers:
         return _S3Transfers(self)
 
+    def trim(self, key: str, keep: list[tuple[int, int]]) -> int:
+        """Nothing: an object cannot be cut (a pack, from a file store copied here, stays whole
+        until no manifest references any of it)."""
+        return 0
+
     def sweep(self, older_than: float) -> int:
         return 0  # S3 PUTs leave no temp objects
 
@@ -874,6 +956,7 @@ class _S3Transfers:
                 num_download_attempts=backend._max_attempts,
             ),
         )
+        self._ranged: cf.ThreadPoolExecutor | None = None
 
     def put(self, key: str, data: Data) -> cf.Future[None]:
         target: cf.Future[None] = cf.Future()
@@ -882,7 +965,11 @@ class _S3Transfers:
         self._tm.upload(io.BytesIO(body), self._b.bucket, self._b._k(key), self._b._bulk, [sub])
         return target
 
-    def get(self, key: str, size: int) -> cf.Future[bytes]:
+    def get(self, key: str, size: int, at: int | None = None) -> cf.Future[bytes]:
+        if at is not None:  # a packed chunk (a file store copied into S3): one ranged GET
+            if self._ranged is None:
+                self._ranged = cf.ThreadPoolExecutor(self._b._concurrency, thread_name_prefix="mmshim-s3")
+            return self._ranged.submit(self._b.get, key, at, size)
         target: cf.Future[bytes] = cf.Future()
         buf = io.BytesIO()
         sub = _subscriber_class()(target, buf.getvalue, size, lambda e: self._b.error("GET", key, e))
@@ -899,6 +986,8 @@ class _S3Transfers:
         # Not shutdown(cancel=True): s3transfer 0.19 passes its arguments on shifted there, and the
         # cancel raises TypeError ('str' object is not callable) in place of the caller's error.
         self._tm.__exit__(*exc)
+        if self._ranged is not None:
+            self._ranged.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1005,6 +1094,8 @@ class _SrcFile:
     offset: int = 0  # bytes handed to the pipeline so far
     mode: int = 0o644
     chunks: list[list[Any]] = field(default_factory=list)  # [sha, raw_len], filled by workers
+    pack: str | None = None  # the key it is published under, once a chunk stays in it
+    adoptable: bool = True  # False: it is on another file system than the store
 
 
 class Borrowed(Protocol):
@@ -1030,16 +1121,21 @@ class _Save:
     def __init__(
         self,
         transfers: _Transfers,
-        known: dict[str, int],
+        known: tuple[dict[str, int], dict[str, Place]],
         limit: int,
         progress: _Progress,
         gate: Gate,
         release: bool,
+        packs: str,
     ) -> None:
         self.transfers = transfers
         self.release = release  # punch each chunk out of its source once stored (_release)
         self.gate = gate
-        self.known = known  # sha -> stored length, from this job's good manifests
+        self.known = known[0]  # sha -> stored length, from this job's good manifests
+        self.places = dict(known[1])  # sha -> place, of packed chunks known or kept in place
+        # Keys of this save's packs start so; None: chunks are never kept in their source files
+        # (not the caller's scratch, or not a file store).
+        self.packs = packs if release and isinstance(transfers, _FileTransfers) else None
         self.pipe = _Pipeline(limit)
         self.progress = progress
         self.lock = threading.Lock()
@@ -1047,6 +1143,12 @@ class _Save:
         self.sizes: dict[str, int] = {}
         self.stored = 0
         self.written = 0
+        self.npacks = 0
+
+    def pack_fields(self, sha: str) -> list[Any]:
+        """What a manifest's chunk entry adds for a packed chunk: [pack name, offset]."""
+        place = self.places.get(sha)
+        return [] if place is None else [place[0].rsplit("/", 1)[1], place[1]]
 
     def reuse(self, chunk: Chunk, n: int, where: str) -> list[Any]:
         """The manifest entry of a chunk the caller knows (save's reuse)."""
@@ -1256,8 +1358,9 @@ def _decoded(data: bytes, where: str, sha: str, raw_len: int) -> list[bytes | me
 class _Span:
     """Bytes of an open chunk file that verified, or of a spill file (_Spill): sent to CRIU's pipe
     from the page cache (sendfile), not copied through a buffer. Chunk files are never rewritten
-    in place (a save renames a new file over, gc unlinks) and spill slots are written once, so
-    what was verified is what is sent."""
+    in place (a save renames a new file over, gc unlinks), gc punches out of a pack only ranges
+    that no kept manifest names, and spill slots are written once, so what was verified is what
+    is sent."""
 
     fd: int
     offset: int
@@ -1272,10 +1375,11 @@ Piece = bytes | memoryview | _Span
 
 
 def _verified_span(
-    fut: cf.Future[tuple[int, bytes]], opened: set[int], where: str, sha: str, raw_len: int
+    fut: cf.Future[tuple[int, bytes]], opened: set[int], where: str, sha: str, raw_len: int, at: int
 ) -> list[Piece]:
-    """A file store's chunk checked against its name, as spans of its open file when it is stored
-    plain (the pages are sent from the page cache), else decoded (its file closed)."""
+    """A file store's chunk (read from ``at`` in its file) checked against its name, as spans of
+    its open file when it is stored plain (the pages are sent from the page cache), else decoded
+    (its file closed)."""
     fd, data = _downloaded(fut, where, sha)
     ranges = _raw_ranges(data, raw_len)
     if ranges is None:
@@ -1284,7 +1388,7 @@ def _verified_span(
         return [*_decoded_checked(data, where, sha, raw_len)]
     view = memoryview(data)
     _check([view[a:b] for a, b in ranges], where, sha, raw_len)
-    return [_Span(fd, a, b - a) for a, b in ranges]
+    return [_Span(fd, at + a, b - a) for a, b in ranges]
 
 
 def _send(fd: int, parts: list[Piece]) -> None:
@@ -1344,12 +1448,14 @@ class DeferredFile:
                 def next_chunk() -> None:
                     for sha, raw, stored in chunks:  # at most one
                         if isinstance(transfers, _FileTransfers) and stored >= raw:
-                            got = transfers.open(_chunk_key(sha), opened)
-                            ahead.append(cpu.submit(_verified_span, got, opened, where, sha, raw))
+                            key, at = _locate(sha, self._entry.places.get(sha))
+                            got = transfers.open(key, opened, at, stored)
+                            ahead.append(cpu.submit(_verified_span, got, opened, where, sha, raw, at or 0))
                         elif (spilled := spill.get(sha)) is not None:
                             ahead.append(spilled)
                         else:
-                            got = transfers.get(_chunk_key(sha), stored)
+                            key, at = _locate(sha, self._entry.places.get(sha))
+                            got = transfers.get(key, stored, at)
                             ahead.append(spill.verify(cpu, got, where, sha, raw))
                         return
 
@@ -1500,7 +1606,7 @@ class Store:
         doc = _decode_manifest(data, where)
         if doc.get("job_id") != job or doc.get("checkpoint_id") != cid:
             raise CheckpointUnusable(f"manifest {where} names another checkpoint")
-        return doc, _manifest_files(doc, where)
+        return doc, _manifest_files(doc, where, job)
 
     def _info(self, job: str, cid: str, doc: dict[str, Any] | None, state: str) -> CheckpointInfo:
         if doc is None:
@@ -1592,18 +1698,21 @@ class Store:
         data = c.compress(raw)
         return data if len(data) < len(raw) else [memoryview(raw)]
 
-    def _known_chunks(self, job: str, limit: int = 3) -> dict[str, int]:
-        """Chunks of the job's newest good manifests: reused without a HEAD each."""
+    def _known_chunks(self, job: str, limit: int = 3) -> tuple[dict[str, int], dict[str, Place]]:
+        """Chunks of the job's newest good manifests, reused without a HEAD each: their stored
+        lengths, and where the packed ones are."""
         cids, bad = self._scan(job)
         known: dict[str, int] = {}
+        places: dict[str, Place] = {}
         for cid in [c for c in cids if c not in bad][:limit]:
             try:
                 _, files = self._read_manifest(job, cid)
             except (_NotFound, CheckpointUnusable):
                 continue
             for f in files:
-                known.update((sha, stored) for sha, _raw, stored in f.chunks)
-        return known
+                known.update((sha, stored) for sha, _raw, stored in f.chunks if sha not in known)
+                places.update((sha, p) for sha, p in f.places.items() if sha not in places)
+        return known, places
 
     def save(
         self,
@@ -1648,17 +1757,19 @@ class Store:
         t0 = time.monotonic()
         cid = _new_checkpoint_id(started)
         known = self._known_chunks(job)
+        packs = f"{_pack_key(job, cid)}-"
         marker = {"created": started, "host": socket.gethostname(), "pid": os.getpid()}
         self._backend.put(_inflight_key(job, cid), _json_bytes(marker))
         _fault("inflight_written")
         try:
             ctx, files = self._save_tree(
-                src, known, done, _Progress(progress), gate, reuse or {}, borrowed, release
+                src, known, packs, done, _Progress(progress), gate, reuse or {}, borrowed, release
             )
             for lender in borrowed.values():
                 lender.check()
+            chunks = [[[sha, n, ctx.sizes[sha], *ctx.pack_fields(sha)] for sha, n in f.chunks] for f in files]
             doc = {
-                "format": FORMAT,
+                "format": FORMAT_PACKED if any(len(c) == 5 for cs in chunks for c in cs) else FORMAT,
                 "job_id": job,
                 "checkpoint_id": cid,
                 "created": started,
@@ -1668,13 +1779,8 @@ class Store:
                 "stored": ctx.stored,
                 "meta": meta,
                 "files": [
-                    {
-                        "name": f.name,
-                        "size": f.offset,
-                        "mode": f.mode,
-                        "chunks": [[sha, raw, ctx.sizes[sha]] for sha, raw in f.chunks],
-                    }
-                    for f in files
+                    {"name": f.name, "size": f.offset, "mode": f.mode, "chunks": c}
+                    for f, c in zip(files, chunks, strict=True)
                 ],
             }
             _fault("before_manifest")
@@ -1727,7 +1833,8 @@ class Store:
     def _save_tree(
         self,
         src: Path,
-        known: dict[str, int],
+        known: tuple[dict[str, int], dict[str, Place]],
+        packs: str,
         done: threading.Event | None,
         progress: _Progress,
         gate: Gate | None,
@@ -1744,7 +1851,8 @@ class Store:
             if gate is None:
                 gate = Gate()
                 gate.open()
-            ctx = _Save(transfers, known, 2 * self.concurrency * self.chunk_size, progress, gate, release)
+            limit = 2 * self.concurrency * self.chunk_size
+            ctx = _Save(transfers, known, limit, progress, gate, release, packs)
             try:
                 while ctx.pipe.error is None:
                     final = done is None or done.is_set()  # read before the pass: it sees final sizes
@@ -1801,7 +1909,8 @@ class Store:
                         raw = _chunk(fd, n, f.offset, ctx.release, borrowed.get(name), path)
                         entry: list[Any] = [None, n]
                         f.chunks.append(entry)
-                        cpu.submit(self._save_chunk, ctx, entry, raw)
+                        adopt = ctx.packs is not None and n == self.chunk_size and name not in borrowed
+                        cpu.submit(self._save_chunk, ctx, entry, raw, (f, path, f.offset) if adopt else None)
                     except BaseException as e:
                         ctx.pipe.finish(e, n)
                         raise
@@ -1813,8 +1922,11 @@ class Store:
             if gone:
                 raise StoreError(f"{', '.join(gone)} disappeared from {src} while it was being saved")
 
-    def _save_chunk(self, ctx: _Save, entry: list[Any], raw: Raw) -> None:
-        """Hash, dedup, compress, upload one chunk (worker thread); finishes its pipeline slot."""
+    def _save_chunk(
+        self, ctx: _Save, entry: list[Any], raw: Raw, source: tuple[_SrcFile, str, int] | None
+    ) -> None:
+        """Hash, dedup, compress, upload one chunk (worker thread); finishes its pipeline slot.
+        A ``source`` (file, path, offset) may keep a chunk stored plain where it is (_keep)."""
         weight = len(raw)
         try:
             sha = chunk_hash(raw)
@@ -1828,6 +1940,10 @@ class Store:
                     data = self._compress(raw)
                     size = sum(map(len, data)) if isinstance(data, list) else len(data)
                     ctx.sizes[sha] = size
+                    if source is not None and size == len(raw) and self._keep(ctx, sha, *source):
+                        ctx.pipe.shrink(weight)  # its bytes stay in the file: it holds no memory
+                        ctx.gate.call(functools.partial(self._chunk_kept, ctx, source[1], source[2], size))
+                        return
                     kept = _weight(len(raw), size)
                     ctx.pipe.shrink(weight - kept)  # raw is freed: data is kept
                     weight = kept
@@ -1851,11 +1967,41 @@ class Store:
         fut.add_done_callback(functools.partial(self._chunk_written, ctx, raw, stored))
 
     def _chunk_written(self, ctx: _Save, raw: Raw, stored: int, fut: cf.Future[None]) -> None:
-        raw_len = len(raw)
         error = fut.exception()
+        if error is None and ctx.release:  # data (or a view of raw, stored plain) is written
+            _release(raw)
+        self._count(ctx, len(raw), stored, _weight(len(raw), stored), error)
+
+    def _keep(self, ctx: _Save, sha: str, f: _SrcFile, path: str, offset: int) -> bool:
+        """Make the chunk at ``offset`` of the caller's scratch file part of a pack: the whole
+        file becomes one when the first of its chunks stays (see the module docstring)."""
+        with ctx.lock:
+            if f.pack is None and f.adoptable:
+                key = f"{ctx.packs}{ctx.npacks}"
+                f.adoptable = ctx.transfers.adopt(path, key)  # type: ignore[attr-defined]
+                if f.adoptable:
+                    f.pack, ctx.npacks = key, ctx.npacks + 1
+            if f.pack is None:
+                return False
+            ctx.places[sha] = (f.pack, offset)
+            return True
+
+    def _chunk_kept(self, ctx: _Save, path: str, offset: int, size: int) -> None:
+        """A chunk kept in its pack: its writeback started and counted. Publishing the pack
+        fsyncs it, which waits for the writeback and reports what failed."""
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                libc.start_writeback(fd, offset, size)
+            finally:
+                os.close(fd)
+        self._count(ctx, size, size, 0)
+
+    def _count(
+        self, ctx: _Save, raw_len: int, stored: int, weight: int, error: BaseException | None = None
+    ) -> None:
+        """A chunk in the store (or failed): counted, reported, its pipeline slot finished."""
         if error is None:
-            if ctx.release:  # data (or a view of raw, stored plain) is written: raw is not needed again
-                _release(raw)
             with ctx.lock:
                 ctx.stored += stored
                 ctx.written += 1
@@ -1865,7 +2011,7 @@ class Store:
                 ctx.progress.add(raw_len)
             except BaseException as e:
                 error = e
-        ctx.pipe.finish(error, _weight(raw_len, stored))
+        ctx.pipe.finish(error, weight)
 
     # -- fetching ------------------------------------------------------------------------------
 
@@ -1949,23 +2095,24 @@ class Store:
         self, files: list[_FileEntry], writer: _TreeWriter, progress: _Progress, where: str
     ) -> None:
         # Each distinct chunk is downloaded once and written wherever it occurs (zero pages...).
-        wanted: dict[str, tuple[int, int, list[tuple[int, int]]]] = {}
+        wanted: dict[str, tuple[int, int, Place | None, list[tuple[int, int]]]] = {}
         for f in files:
             fd = writer.create(f.name, f.size)
             offset = 0
             for sha, raw, stored in f.chunks:
-                wanted.setdefault(sha, (raw, stored, []))[2].append((fd, offset))
+                wanted.setdefault(sha, (raw, stored, f.places.get(sha), []))[3].append((fd, offset))
                 offset += raw
         with (
             self._backend.transfers() as transfers,
             cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="mmshim-store-cpu") as cpu,
         ):
             pipe = _Pipeline(2 * self.concurrency)
-            for sha, (raw, stored, targets) in wanted.items():
+            for sha, (raw, stored, place, targets) in wanted.items():
                 if not pipe.start():
                     break
                 try:
-                    fut = transfers.get(_chunk_key(sha), stored)
+                    key, at = _locate(sha, place)
+                    fut = transfers.get(key, stored, at)
                     fut.add_done_callback(
                         functools.partial(self._chunk_fetched, cpu, pipe, progress, where, sha, raw, targets)
                     )
@@ -2074,7 +2221,8 @@ class Store:
         return doomed
 
     def gc(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> dict[str, Any]:
-        """Delete chunks that no manifest references and that are older than grace_seconds.
+        """Delete chunks and packs that no manifest references and that are older than
+        grace_seconds, and punch out of older packs the ranges that none references.
 
         Does nothing while any save is in flight (marker younger than the grace period). Stale
         markers and temp files of crashed saves are removed too. grace_seconds must exceed the
@@ -2088,16 +2236,20 @@ class Store:
             "young": 0,
             "deleted": 0,
             "deleted_bytes": 0,
+            "packs": 0,
+            "packs_deleted": 0,
+            "pack_bytes_freed": 0,
             "stale_markers": 0,
             "temp_files": 0,
         }
-        manifests, fresh, stale = self._gc_survey(now, grace_seconds)
+        manifests, fresh, stale, packs = self._gc_survey(now, grace_seconds)
         if fresh:
             result["in_flight"] = fresh
             log.info("gc: saves in flight (%s), deleting nothing", ", ".join(fresh))
             return result
         referenced: set[str] = set()
-        self._gc_references(manifests, referenced)
+        ranges: dict[str, list[tuple[int, int]]] = {}  # pack key -> (offset, length) referenced
+        self._gc_references(manifests, referenced, ranges)
         candidates: list[_Obj] = []
         for obj in self._backend.list("chunks/"):
             sha = obj.key.rsplit("/", 1)[-1]
@@ -2111,26 +2263,35 @@ class Store:
             else:
                 candidates.append(obj)
         # Look again right before deleting: a save may have started, or finished, meanwhile.
-        manifests2, fresh, _ = self._gc_survey(now, grace_seconds)
+        manifests2, fresh, _, _ = self._gc_survey(now, grace_seconds)
         if fresh:
             result["in_flight"] = fresh
             log.info("gc: a save started meanwhile (%s), deleting nothing", ", ".join(fresh))
             return result
-        self._gc_references(manifests2 - manifests, referenced)
+        self._gc_references(manifests2 - manifests, referenced, ranges)
         doomed = [o for o in candidates if o.key.rsplit("/", 1)[-1] not in referenced]
-        self._backend.delete([o.key for o in doomed] + stale)
+        old_packs = [o for o in packs if now - o.mtime >= grace_seconds]
+        doomed_packs = [o for o in old_packs if o.key not in ranges]
+        self._backend.delete([o.key for o in doomed + doomed_packs] + stale)
         result["deleted"] = len(doomed)
         result["deleted_bytes"] = sum(o.size for o in doomed)
+        result["packs"] = len(packs)
+        result["packs_deleted"] = len(doomed_packs)
+        result["pack_bytes_freed"] = sum(o.size for o in doomed_packs) + sum(
+            self._backend.trim(o.key, ranges[o.key]) for o in old_packs if o.key in ranges
+        )
         result["stale_markers"] = len(stale)
         result["temp_files"] = self._backend.sweep(now - grace_seconds)
         log.info("gc: %s", result)
         return result
 
-    def _gc_survey(self, now: float, grace: float) -> tuple[set[str], list[str], list[str]]:
-        """Manifest keys, fresh in-flight saves ("job/cid") and stale marker keys of all jobs."""
+    def _gc_survey(self, now: float, grace: float) -> tuple[set[str], list[str], list[str], list[_Obj]]:
+        """Manifest keys, fresh in-flight saves ("job/cid"), stale marker keys and packs of all
+        jobs."""
         manifests: set[str] = set()
         fresh: list[str] = []
         stale: list[str] = []
+        packs: list[_Obj] = []
         for obj in self._backend.list("jobs/"):
             parts = obj.key.split("/")
             if len(parts) != 4:
@@ -2138,6 +2299,8 @@ class Store:
             _, job, kind, name = parts
             if kind == "checkpoints" and name.endswith(".json"):
                 manifests.add(obj.key)
+            elif kind == "packs" and _PACK_RE.fullmatch(name):
+                packs.append(obj)
             elif kind == "inflight":
                 started = obj.mtime
                 try:
@@ -2150,9 +2313,11 @@ class Store:
                     fresh.append(f"{job}/{name}")
                 else:
                     stale.append(obj.key)
-        return manifests, fresh, stale
+        return manifests, fresh, stale, packs
 
-    def _gc_references(self, manifest_keys: Iterable[str], referenced: set[str]) -> None:
+    def _gc_references(
+        self, manifest_keys: Iterable[str], referenced: set[str], ranges: dict[str, list[tuple[int, int]]]
+    ) -> None:
         for key in sorted(manifest_keys):
             _, job, _, name = key.split("/")
             try:
@@ -2164,6 +2329,9 @@ class Store:
                 continue
             for f in files:
                 referenced.update(sha for sha, _, _ in f.chunks)
+                for sha, _, stored in f.chunks:
+                    if (place := f.places.get(sha)) is not None:
+                        ranges.setdefault(place[0], []).append((place[1], stored))
 
     # -- events --------------------------------------------------------------------------------
 

@@ -9,9 +9,11 @@ import itertools
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -229,7 +231,10 @@ def test_release_punches_each_stored_chunk_out_of_its_source(repo: Repo, tmp_pat
 
     assert 0 < info.stored <= CHUNK + 1024
     assert allocated(src) == 0
-    assert {n: len(d) for n, (d, _) in read_tree(src).items()} == {n: len(d) for n, (d, _) in files.items()}
+    left = {n: len(d) for n, (d, _) in files.items()}
+    if repo.kind == "file":  # its new chunk stays where it is: the file went into the store whole
+        del left["rootfs.tar"]
+    assert {n: len(d) for n, (d, _) in read_tree(src).items()} == left
     st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
     assert read_tree(tmp_path / "d") == files
 
@@ -516,6 +521,178 @@ def test_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # ---------------------------------------------------------------------------------------------
+# Packs: a file store takes the caller's scratch files whole (save's ``release``)
+
+
+def packed_pages(seed: int) -> bytes:
+    """Three chunks of random pages, one of text, and a short random tail."""
+    return rand(3 * CHUNK, seed) + cycled_text(1, 1)[:CHUNK] + rand(CHUNK // 2, seed + 1)
+
+
+def pack_paths(repo: Repo) -> list[Path]:
+    return sorted(Path(repo.url[len("file://") :]).glob("jobs/*/packs/*"))
+
+
+def file_repo(tmp_path: Path) -> Repo:
+    return Repo("file", f"file://{tmp_path}/repo", {"chunk_size": CHUNK, "concurrency": 4})
+
+
+def test_a_release_save_keeps_new_incompressible_chunks_in_their_file_as_a_pack(tmp_path: Path) -> None:
+    """The three random chunks stay where they are and the file goes into the store whole (no
+    copy); the text chunk is compressed and the short tail stored plain as chunk objects, both
+    punched out of the pack. Fetched and streamed alike; a second save of the same data names
+    the first one's pack and adopts nothing."""
+    repo = file_repo(tmp_path)
+    st = repo.open()
+    files = {PAGES: (packed_pages(1), 0o644), "criu/core-1.img": (b"core", 0o600)}
+    src = write_tree(tmp_path / "src", files)
+    info = st.save(JOB, src, {}, release=True)
+
+    doc, [core, pages] = st._read_manifest(JOB, info.checkpoint_id)
+    assert doc["format"] == store_mod.FORMAT_PACKED
+    [pack] = pack_paths(repo)
+    assert pack.name == f"{info.checkpoint_id}-0" and pack.stat().st_size == len(files[PAGES][0])
+    key = f"jobs/{JOB}/packs/{pack.name}"
+    assert [pages.places.get(sha) for sha, _, _ in pages.chunks] == [
+        (key, 0), (key, CHUNK), (key, 2 * CHUNK), None, None
+    ]  # fmt: skip
+    assert not core.places
+    assert pack.stat().st_blocks * 512 == 3 * CHUNK  # the text and the tail were punched out
+    assert not (src / PAGES).exists() and (src / "criu/core-1.img").exists()
+    assert (
+        info.stored == 3 * CHUNK + CHUNK // 2 + sum(s for sha, _, s in pages.chunks[3:4]) + core.chunks[0][2]
+    )
+
+    st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+    assert read_tree(tmp_path / "d") == files
+    got = st.fetch(JOB, info.checkpoint_id, tmp_path / "s", defer=PAGES.__eq__)
+    assert drain(got.deferred[PAGES]) == (files[PAGES][0], None)
+
+    src2 = write_tree(tmp_path / "src2", files)
+    again = st.save(JOB, src2, {}, release=True)
+    assert again.stored == 0 and pack_paths(repo) == [pack]
+    _, [_, pages2] = st._read_manifest(JOB, again.checkpoint_id)
+    assert pages2.places == pages.places
+    assert (src2 / PAGES).exists() and allocated(src2) == 0  # all stored already: released
+    st.fetch(JOB, again.checkpoint_id, tmp_path / "d2")
+    assert read_tree(tmp_path / "d2") == files
+
+
+def test_a_save_without_release_or_from_another_file_system_copies(repo: Repo, tmp_path: Path) -> None:
+    """Only a file store, only the caller's scratch, only on the store's file system: anything
+    else is copied into chunk objects as before (manifest format 2)."""
+    files = {PAGES: (packed_pages(2), 0o644)}
+    st = repo.open()
+    saves = [st.save(JOB, write_tree(tmp_path / "kept", files), {})]
+    if repo.kind == "file":
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))  # tmpfs: another file system than tmp_path
+        try:
+            saves.append(st.save(JOB, write_tree(shm / "src", files), {}, release=True))
+        finally:
+            shutil.rmtree(shm)
+    else:
+        saves.append(st.save(JOB, write_tree(tmp_path / "scratch", files), {}, release=True))
+    for info in saves:
+        doc, [f] = st._read_manifest(JOB, info.checkpoint_id)
+        assert doc["format"] == store_mod.FORMAT and not f.places
+    assert read_tree(tmp_path / "kept") == files
+    assert not list(tmp_path.glob("repo/jobs/*/packs"))
+
+
+def test_gc_punches_out_of_a_pack_what_no_manifest_names_and_deletes_it_when_none_does(
+    tmp_path: Path,
+) -> None:
+    repo = file_repo(tmp_path)
+    st = repo.open()
+    first_data = packed_pages(3)
+    a = st.save(JOB, write_tree(tmp_path / "a", {PAGES: (first_data, 0o644)}), {}, release=True)
+    changed = first_data[: 2 * CHUNK] + rand(CHUNK, 9) + first_data[3 * CHUNK :]
+    b = st.save(JOB, write_tree(tmp_path / "b", {PAGES: (changed, 0o644)}), {}, release=True)
+    first, second = pack_paths(repo)
+    assert b.stored == CHUNK and second.stat().st_blocks * 512 == CHUNK  # only the new chunk stayed
+
+    st.delete(JOB, a.checkpoint_id)
+    r = st.gc()  # default grace: both packs are young
+    assert r["packs"] == 2 and r["packs_deleted"] == 0 and r["pack_bytes_freed"] == 0
+    r = st.gc(grace_seconds=0)
+    assert r["packs_deleted"] == 0 and r["pack_bytes_freed"] == CHUNK
+    assert first.stat().st_blocks * 512 == 2 * CHUNK
+    st.fetch(JOB, b.checkpoint_id, tmp_path / "d")
+    assert read_tree(tmp_path / "d") == {PAGES: (changed, 0o644)}
+
+    st.delete(JOB, b.checkpoint_id)
+    st.save("other-job", write_tree(tmp_path / "c", sample_files()), {})
+    r = st.gc(grace_seconds=0)
+    assert r["packs_deleted"] == 2 and pack_paths(repo) == []
+
+
+@pytest.mark.parametrize("how", ["corrupt", "delete"])
+def test_a_damaged_pack_marks_the_checkpoint_bad(tmp_path: Path, how: str) -> None:
+    repo = file_repo(tmp_path)
+    st = repo.open()
+    data = packed_pages(4)
+    good = st.save(JOB, write_tree(tmp_path / "a", {"x": (b"older", 0o644)}), {})
+    info = st.save(JOB, write_tree(tmp_path / "b", {PAGES: (data, 0o644)}), {}, release=True)
+    [pack] = pack_paths(repo)
+    if how == "delete":
+        pack.unlink()
+    else:
+        with open(pack, "r+b") as f:
+            f.seek(CHUNK + 100)
+            f.write(b"\0")
+    with pytest.raises(CheckpointUnusable):
+        st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+    assert st.latest_good(JOB).checkpoint_id == good.checkpoint_id
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["<sha>", CHUNK, CHUNK - 1, "20261129T000000.000Z-abcdef-0", 0],  # packed but not plain
+        ["<sha>", CHUNK, CHUNK, "../../chunks/x", 0],
+        ["<sha>", CHUNK, CHUNK, "20261129T000000.000Z-abcdef-0", -4096],
+        ["<sha>", CHUNK, CHUNK, "20261129T000000.000Z-abcdef-0"],
+    ],
+)
+def test_hostile_pack_entries_are_refused(tmp_path: Path, entry: list[Any]) -> None:
+    repo = file_repo(tmp_path)
+    st = repo.open()
+    info = st.save(JOB, write_tree(tmp_path / "a", {PAGES: (packed_pages(5), 0o644)}), {}, release=True)
+    key = f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json"
+    doc = json.loads(st._backend.get(key))["manifest"]
+    doc["files"][0]["chunks"][0] = [doc["files"][0]["chunks"][0][0], *entry[1:]]
+    st._backend.put(key, store_mod.encode_manifest(doc))
+    with pytest.raises(CheckpointUnusable, match=r"manifest .* is invalid"):
+        st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+
+
+def test_packed_entries_need_format_3(tmp_path: Path) -> None:
+    st = file_repo(tmp_path).open()
+    info = st.save(JOB, write_tree(tmp_path / "a", {PAGES: (packed_pages(6), 0o644)}), {}, release=True)
+    key = f"jobs/{JOB}/checkpoints/{info.checkpoint_id}.json"
+    doc = json.loads(st._backend.get(key))["manifest"]
+    st._backend.put(key, store_mod.encode_manifest({**doc, "format": store_mod.FORMAT}))
+    with pytest.raises(CheckpointUnusable, match="bad chunk entry"):
+        st.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+
+
+def test_a_file_store_with_packs_copied_into_s3_restores_from_there(s3_server: str, tmp_path: Path) -> None:
+    """A pack's chunks are read with ranged GETs, fetched and streamed alike."""
+    repo = file_repo(tmp_path)
+    files = {PAGES: (packed_pages(7), 0o644)}
+    info = repo.open().save(JOB, write_tree(tmp_path / "src", files), {}, release=True)
+    s3 = open_store(f"s3://{S3_BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_server, chunk_size=CHUNK)
+    root = tmp_path / "repo"
+    for path in root.rglob("*"):
+        if path.is_file():
+            s3._backend.put(path.relative_to(root).as_posix(), path.read_bytes())
+    s3.fetch(JOB, info.checkpoint_id, tmp_path / "d")
+    assert read_tree(tmp_path / "d") == files
+    got = s3.fetch(JOB, info.checkpoint_id, tmp_path / "s", defer=PAGES.__eq__)
+    assert drain(got.deferred[PAGES]) == (files[PAGES][0], None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Crash safety and failing saves
 
 CRASH_SCRIPT = """
@@ -529,7 +706,7 @@ def hook(p, count=0, key="", **kw):
         os._exit(17)
 
 store._fault_hook = hook
-store.open_store(url, **json.loads(opts)).save(job, src, {"crashed": True})
+store.open_store(url, **json.loads(opts)).save(job, src, {"crashed": True}, release="release" in sys.argv[8:])
 os._exit(0)
 """
 
@@ -578,6 +755,39 @@ def test_killed_save_leaves_no_half_checkpoint(
     assert len(inflight_keys(st, JOB)) == 1
     keys = chunk_keys(st)
     assert st.gc(grace_seconds=3600)["in_flight"] and chunk_keys(st) == keys
+
+
+@pytest.mark.parametrize("point", ["chunk_written", "before_manifest"])
+def test_a_killed_release_save_leaves_its_pack_to_gc(tmp_path: Path, point: str) -> None:
+    """Killed before its manifest, a save that took a file as a pack (published or not) leaves
+    nothing listed, and gc removes the pack once the save's marker is stale."""
+    repo = file_repo(tmp_path)
+    st = repo.open()
+    files = {PAGES: (packed_pages(8), 0o644)}
+    first = st.save(JOB, write_tree(tmp_path / "src1", files), {}, release=True)
+    [pack] = pack_paths(repo)
+    src2 = write_tree(tmp_path / "src2", {PAGES: (packed_pages(9), 0o644)})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = [
+        repo.url,
+        json.dumps(repo.options),
+        JOB,
+        str(src2),
+        point,
+        str(int(point == "chunk_written")),
+        "",
+        "release",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 17, r.stderr
+    assert len(pack_paths(repo)) == (2 if point == "before_manifest" else 1)
+    assert [c.checkpoint_id for c in st.checkpoints(JOB)] == [first.checkpoint_id]
+    st.gc(grace_seconds=0)
+    assert pack_paths(repo) == [pack]
+    st.fetch_latest(JOB, tmp_path / "d")
+    assert read_tree(tmp_path / "d") == files
 
 
 def test_failed_save_leaves_previous_untouched(

@@ -55,7 +55,8 @@ def test_second_checkpoint_stores_only_what_changed(
     docker: Docker, memhog_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """... and punches each part of CRIU's staged images out once stored (store release), the
-    parts already stored too."""
+    parts already stored too; the first checkpoint's new random pages stay where CRIU wrote
+    them, its page image taken into the file store whole (a pack), which the second names."""
     kept: list[Path] = []  # staging and work dirs, left for the test to look at
     monkeypatch.setattr(engine, "remove_later", lambda *paths: kept.extend(paths))
     cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "48", "random").strip()
@@ -73,6 +74,11 @@ def test_second_checkpoint_stores_only_what_changed(
         pages = list((kept[-2] / "criu").glob("pages-*.img"))
         assert pages and sum(p.stat().st_size for p in pages) > 48 << 20
         assert [p.stat().st_blocks for p in pages] == [0] * len(pages)
+        assert not list((kept[0] / "criu").glob("pages-*.img"))
+        manifests = [store._read_manifest("dedup", c.checkpoint_id)[1] for c in (first, second)]
+        places = [{sha: at for f in files for sha, at in f.places.items()} for files in manifests]
+        assert len(places[0]) * (4 << 20) > 40 << 20  # most of the 48 MiB
+        assert places[0].items() <= places[1].items()
     finally:
         docker.run("rm", "-f", cid, check=False)
         for path in kept:
@@ -82,7 +88,8 @@ def test_second_checkpoint_stores_only_what_changed(
 def test_nothing_is_written_to_the_store_while_the_container_is_frozen(
     docker: Docker, memhog_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Writes would slow CRIU while the job is frozen: the upload hashes then, writes after."""
+    """Writes would slow CRIU while the job is frozen: the upload hashes then, writes after
+    (and starts writing back the pages it keeps where CRIU wrote them)."""
     monkeypatch.setattr(store_mod, "POLL_SECONDS", 0.001)  # read CRIU's images as they grow
     cid = docker.out("run", "-d", "--network", "none", memhog_image, "/bin/memhog", "64", "random").strip()
     try:
@@ -91,13 +98,16 @@ def test_nothing_is_written_to_the_store_while_the_container_is_frozen(
         states: list[str] = []
 
         def hook(point: str, **info: object) -> None:
-            if point == "tmp_written" and str(info["key"]).startswith("chunks/"):
+            # A chunk object written, or a chunk kept in CRIU's page image (a pack) counted.
+            key = str(info.get("key", ""))
+            if point == "chunk_written" or (point == "tmp_written" and key.startswith("chunks/")):
                 states.append((runc.state(cid) or {}).get("status", "gone"))
 
         monkeypatch.setattr(store_mod, "_fault_hook", hook)
         store = open_store(f"file://{tmp_path / 'store'}")
         info = engine.checkpoint(runc, cid, store, "frozen", {}, Settings(workdir=str(tmp_path / "work")))
         assert info.stored > 64 << 20 and len(states) >= 16
+        assert store._read_manifest("frozen", info.checkpoint_id)[0]["format"] == store_mod.FORMAT_PACKED
         assert set(states) == {"running"}, states
     finally:
         docker.run("rm", "-f", cid, check=False)
