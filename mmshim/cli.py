@@ -8,7 +8,7 @@ CRIU failing) print one line and exit with status 2, never a traceback.
     mmshimctl ls [JOB]                      jobs and their checkpoints
     mmshimctl inspect JOB|JOB/CHECKPOINT    a job's events and checkpoints, or one checkpoint's meta
     mmshimctl rm JOB [CHECKPOINT]           delete a job (checkpoints and events) or one checkpoint
-    mmshimctl gc [--grace SECONDS]          delete chunks no checkpoint references
+    mmshimctl gc [--grace SECONDS]          delete chunks and packs no checkpoint references
     mmshimctl checkpoint CONTAINER          checkpoint a running container by hand
     mmshimctl restore JOB --bundle B --id ID
     mmshimctl serve                         the web viewer

@@ -9,7 +9,9 @@ wrote to first is copied paused in a second attempt), never copied to the work d
 unchanged since the job's last checkpoint on this boot are not read at all (its chunks are
 reused, unchanged_files).
 The upload reads, hashes and compresses the images while CRIU writes them, but writes nothing to
-the store until the container runs again (store.Gate).
+the store until the container runs again (store.Gate). The work dir is the store's scratch
+(Store.save's release): a file store on its file system takes a page image of memory that does
+not compress whole, as a pack, instead of copying it.
 """
 
 import contextlib

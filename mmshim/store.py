@@ -1067,6 +1067,9 @@ class Gate:
     incompressible memory the freeze was 0.15 to 0.42 s longer per 2 GiB: bench/checkpoint.py
     shows both). The opener must open it in every path: held chunks keep their place in the
     save's memory bound, so a save may wait for it.
+    Chunks kept in a pack hold no memory, only the start of their writeback waits: started
+    during the dump it made 2 GiB of random memory commit in 1.73 s against 2.58 s, but froze
+    the job 1.41 s against 1.35 s (raw CRIU 1.26 s; medians of 5, one run of a probe).
     """
 
     def __init__(self) -> None:
@@ -1710,8 +1713,11 @@ class Store:
             except (_NotFound, CheckpointUnusable):
                 continue
             for f in files:
-                known.update((sha, stored) for sha, _raw, stored in f.chunks if sha not in known)
-                places.update((sha, p) for sha, p in f.places.items() if sha not in places)
+                for sha, _raw, stored in f.chunks:
+                    if sha not in known:  # its length and place from the same entry
+                        known[sha] = stored
+                        if sha in f.places:
+                            places[sha] = f.places[sha]
         return known, places
 
     def save(
@@ -1741,7 +1747,9 @@ class Store:
         may have a hole there). One that none of the job's newest good checkpoints names fails
         the save, as nothing would then keep gc from deleting it.
         ``release``: src_dir is the caller's scratch, each chunk's range is punched out of its
-        file once stored (_release); what it holds afterwards is undefined.
+        file once stored (_release); what it holds afterwards is undefined. A file store on the
+        same file system takes a file whose new full chunks did not compress whole, as a pack
+        (the module docstring), and keeps those chunks in it.
         ``borrowed`` names, per file, ranges whose data is read from elsewhere (Borrowed); its
         check() failing fails the save.
         """
