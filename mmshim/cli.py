@@ -624,7 +624,7 @@ def gc_cmd(obj: Obj, grace: float | None) -> None:
         )
         click.echo(
             f"packs {result['packs']}: {result['packs_deleted']} deleted, "
-            f"{human_bytes(result['pack_bytes_freed'])} freed in all"
+            f"{human_bytes(result['pack_bytes_trimmed'])} punched out of those kept"
         )
         click.echo(f"stale in-flight markers deleted: {result['stale_markers']}")
         click.echo(f"temp files deleted: {result['temp_files']}")

@@ -1136,9 +1136,10 @@ class _Save:
         self.gate = gate
         self.known = known[0]  # sha -> stored length, from this job's good manifests
         self.places = dict(known[1])  # sha -> place, of packed chunks known or kept in place
-        # Keys of this save's packs start so; None: chunks are never kept in their source files
-        # (not the caller's scratch, or not a file store).
-        self.packs = packs if release and isinstance(transfers, _FileTransfers) else None
+        self.packs = packs  # how the keys of this save's packs start
+        # None: chunks are never kept in their source files (not the caller's scratch, or not a
+        # file store).
+        self.adopt = transfers.adopt if release and isinstance(transfers, _FileTransfers) else None
         self.pipe = _Pipeline(limit)
         self.progress = progress
         self.lock = threading.Lock()
@@ -1917,7 +1918,7 @@ class Store:
                         raw = _chunk(fd, n, f.offset, ctx.release, borrowed.get(name), path)
                         entry: list[Any] = [None, n]
                         f.chunks.append(entry)
-                        adopt = ctx.packs is not None and n == self.chunk_size and name not in borrowed
+                        adopt = ctx.adopt is not None and n == self.chunk_size and name not in borrowed
                         cpu.submit(self._save_chunk, ctx, entry, raw, (f, path, f.offset) if adopt else None)
                     except BaseException as e:
                         ctx.pipe.finish(e, n)
@@ -1984,9 +1985,9 @@ class Store:
         """Make the chunk at ``offset`` of the caller's scratch file part of a pack: the whole
         file becomes one when the first of its chunks stays (see the module docstring)."""
         with ctx.lock:
-            if f.pack is None and f.adoptable:
+            if f.pack is None and f.adoptable and ctx.adopt is not None:
                 key = f"{ctx.packs}{ctx.npacks}"
-                f.adoptable = ctx.transfers.adopt(path, key)  # type: ignore[attr-defined]
+                f.adoptable = ctx.adopt(path, key)
                 if f.adoptable:
                     f.pack, ctx.npacks = key, ctx.npacks + 1
             if f.pack is None:
@@ -2246,7 +2247,7 @@ class Store:
             "deleted_bytes": 0,
             "packs": 0,
             "packs_deleted": 0,
-            "pack_bytes_freed": 0,
+            "pack_bytes_trimmed": 0,
             "stale_markers": 0,
             "temp_files": 0,
         }
@@ -2285,7 +2286,7 @@ class Store:
         result["deleted_bytes"] = sum(o.size for o in doomed)
         result["packs"] = len(packs)
         result["packs_deleted"] = len(doomed_packs)
-        result["pack_bytes_freed"] = sum(o.size for o in doomed_packs) + sum(
+        result["pack_bytes_trimmed"] = sum(
             self._backend.trim(o.key, ranges[o.key]) for o in old_packs if o.key in ranges
         )
         result["stale_markers"] = len(stale)

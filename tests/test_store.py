@@ -613,9 +613,9 @@ def test_gc_punches_out_of_a_pack_what_no_manifest_names_and_deletes_it_when_non
 
     st.delete(JOB, a.checkpoint_id)
     r = st.gc()  # default grace: both packs are young
-    assert r["packs"] == 2 and r["packs_deleted"] == 0 and r["pack_bytes_freed"] == 0
+    assert r["packs"] == 2 and r["packs_deleted"] == 0 and r["pack_bytes_trimmed"] == 0
     r = st.gc(grace_seconds=0)
-    assert r["packs_deleted"] == 0 and r["pack_bytes_freed"] == CHUNK
+    assert r["packs_deleted"] == 0 and r["pack_bytes_trimmed"] == CHUNK
     assert first.stat().st_blocks * 512 == 2 * CHUNK
     st.fetch(JOB, b.checkpoint_id, tmp_path / "d")
     assert read_tree(tmp_path / "d") == {PAGES: (changed, 0o644)}
