@@ -407,9 +407,10 @@ def _manifest_files(doc: dict[str, Any], where: str, job: str) -> list[_FileEntr
                 raise bad(f"bad chunk entry {c!r} for {name!r}")
             if len(c) == 5:  # packed: stored plain, at an offset of a pack of this job
                 pack, at = c[3], c[4]
-                if not (isinstance(pack, str) and _PACK_RE.fullmatch(pack) and isinstance(at, int)):
+                placed = isinstance(pack, str) and _PACK_RE.fullmatch(pack) and isinstance(at, int)
+                if not placed or at < 0:
                     raise bad(f"bad chunk entry {c!r} for {name!r}")
-                if c[2] != c[1] or at < 0:
+                if c[2] != c[1]:
                     raise bad(f"packed chunk {c!r} for {name!r} is not stored plain")
                 places[c[0]] = (_pack_key(job, pack), at)
             entries.append((c[0], c[1], c[2]))
