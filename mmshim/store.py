@@ -1068,9 +1068,11 @@ class Gate:
     incompressible memory the freeze was 0.15 to 0.42 s longer per 2 GiB: bench/checkpoint.py
     shows both). The opener must open it in every path: held chunks keep their place in the
     save's memory bound, so a save may wait for it.
-    Chunks kept in a pack hold no memory, only the start of their writeback waits: started
-    during the dump it made 2 GiB of random memory commit in 1.73 s against 2.58 s, but froze
-    the job 1.41 s against 1.35 s (raw CRIU 1.26 s; medians of 5, one run of a probe).
+    Chunks kept in a pack hold no memory, only the start of their writeback waits. Started
+    during the dump, the writeback takes the disk from CRIU: in one bench/checkpoint.py run
+    (2 GiB of random memory, medians of 5), CRIU's frozen time grew to 1.26x raw's (held: 0.98
+    to 1.0x in others), while the commit still took 1.51x raw's time (a raw checkpoint and a
+    sync: 1.81x), as the disk, not the order, sets it.
     """
 
     def __init__(self) -> None:
