@@ -1454,14 +1454,13 @@ class DeferredFile:
 
                 def next_chunk() -> None:
                     for sha, raw, stored in chunks:  # at most one
+                        key, at = _locate(sha, self._entry.places.get(sha))
                         if isinstance(transfers, _FileTransfers) and stored >= raw:
-                            key, at = _locate(sha, self._entry.places.get(sha))
                             got = transfers.open(key, opened, at, stored)
                             ahead.append(cpu.submit(_verified_span, got, opened, where, sha, raw, at or 0))
                         elif (spilled := spill.get(sha)) is not None:
                             ahead.append(spilled)
                         else:
-                            key, at = _locate(sha, self._entry.places.get(sha))
                             got = transfers.get(key, stored, at)
                             ahead.append(spill.verify(cpu, got, where, sha, raw))
                         return
