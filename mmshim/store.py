@@ -1071,7 +1071,7 @@ class Gate:
     Chunks kept in a pack hold no memory, only the start of their writeback waits. Started
     during the dump, the writeback takes the disk from CRIU: in one bench/checkpoint.py run
     (2 GiB of random memory, medians of 5), CRIU's frozen time grew to 1.26x raw's (held: 0.98
-    to 1.0x in others), while the commit still took 1.51x raw's time (a raw checkpoint and a
+    to 1.08x in others), while the commit still took 1.51x raw's time (a raw checkpoint and a
     sync: 1.81x), as the disk, not the order, sets it.
     """
 
