@@ -19,6 +19,7 @@ import pytest
 
 from mmshim import layer, libc
 from mmshim.layer import LayerError, TooLarge
+from tests.conftest import open_fds
 from tests.disks import xfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, chown, mknod")
@@ -303,10 +304,6 @@ def _read_in(capture: layer.Capture, out: Path) -> None:
     capture.close()
 
 
-def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.parametrize(("max_pinned", "align"), [(256, None), (1, None), (256, ALIGN)])
 def test_pinned_files_are_left_out_of_the_tar_for_its_reader(
     tmp_path: Path, mounts: list[Path], monkeypatch: pytest.MonkeyPatch, max_pinned: int, align: int | None
@@ -318,7 +315,7 @@ def test_pinned_files_are_left_out_of_the_tar_for_its_reader(
     frozen = tmp_path / "frozen.tar"
     _start(upper, frozen, cold_after=None, align=align).publish()
     monkeypatch.setattr(layer, "_MAX_PINNED", max_pinned)
-    fds = _open_fds()
+    fds = open_fds()
     out = tmp_path / "out" / "later.tar"
     out.parent.mkdir()
 
@@ -326,14 +323,14 @@ def test_pinned_files_are_left_out_of_the_tar_for_its_reader(
 
     assert not out.exists() and os.listdir(out.parent) == ["pending"]  # nothing half-made beside it
     if max_pinned == 1:
-        assert len(_open_fds() - fds) == 1 + 1  # the tar, one pinned file; the rest copied frozen
+        assert len(open_fds() - fds) == 1 + 1  # the tar, one pinned file; the rest copied frozen
     stats = capture.publish()
     pinned = (MiB + 3) if max_pinned == 1 else (MiB + 3) + MiB + MiB  # one, two, sparse's extent
     assert stats["copied_later"] == sum(count for _, _, _, count in capture.extents) == pinned
     assert os.stat(out).st_blocks * 512 < os.stat(frozen).st_blocks * 512 - pinned + MiB // 4  # holes
     _read_in(capture, out)
     assert out.read_bytes() == frozen.read_bytes()
-    assert _open_fds() == fds and os.listdir(out.parent / "pending") == []
+    assert open_fds() == fds and os.listdir(out.parent / "pending") == []
     rootfs = tmp_path / "rootfs"
     _fresh_copy(lower, rootfs)
     layer.apply_diff(str(out), str(rootfs))
@@ -447,7 +444,7 @@ def test_a_pinned_file_changed_after_the_freeze_fails_the_check(
     (tmp_path / "lower").mkdir()
     _, upper, merged = _overlay(tmp_path, mounts)
     _big_files(merged)
-    fds = _open_fds()
+    fds = open_fds()
     capture = _start(upper, tmp_path / "t.tar", cold_after=0)
     capture.publish()
     capture.check()  # unchanged so far
@@ -459,7 +456,7 @@ def test_a_pinned_file_changed_after_the_freeze_fails_the_check(
 
     assert raised.value.inodes == [(st.st_dev, st.st_ino)]  # for the next capture's copy_now
     capture.close()
-    assert _open_fds() == fds and os.listdir(tmp_path / "pending") == []
+    assert open_fds() == fds and os.listdir(tmp_path / "pending") == []
 
 
 def test_files_seen_changing_while_pinned_are_copied_frozen(tmp_path: Path, mounts: list[Path]) -> None:
@@ -495,7 +492,7 @@ def test_pinned_files_need_no_room_beside_the_tar(tmp_path: Path, mounts: list[P
     mounts.append(small)
     with pytest.raises(LayerError, match="No space left"):
         _start(upper, small / "frozen.tar", cold_after=None)
-    fds = _open_fds()
+    fds = open_fds()
 
     capture = _start(upper, small / "t.tar", cold_after=0)
     capture.publish()
@@ -505,17 +502,17 @@ def test_pinned_files_need_no_room_beside_the_tar(tmp_path: Path, mounts: list[P
         got[at : at + count] = os.pread(fd, count, offset)
     assert got == whole.read_bytes()
     capture.close()
-    assert _open_fds() == fds and sorted(os.listdir(small)) == ["pending", "t.tar"]
+    assert open_fds() == fds and sorted(os.listdir(small)) == ["pending", "t.tar"]
 
 
 def test_an_unpublished_capture_leaves_nothing_open(tmp_path: Path, mounts: list[Path]) -> None:
     (tmp_path / "lower").mkdir()
     _, upper, merged = _overlay(tmp_path, mounts)
     _big_files(merged)
-    fds = _open_fds()
+    fds = open_fds()
     capture = _start(upper, tmp_path / "t.tar", cold_after=0)
     capture.close()
-    assert _open_fds() == fds and not (tmp_path / "t.tar").exists()
+    assert open_fds() == fds and not (tmp_path / "t.tar").exists()
     assert os.listdir(tmp_path / "pending") == []
 
 

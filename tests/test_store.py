@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import http.server
 import itertools
 import json
@@ -36,7 +35,7 @@ from mmshim.store import (
     open_store,
     validate_job_id,
 )
-from tests.conftest import S3_BUCKET
+from tests.conftest import S3_BUCKET, open_fds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 64 * 1024
@@ -974,18 +973,6 @@ def drain(st_file: store_mod.DeferredFile, progress: Any = None) -> tuple[bytes,
     reader.join()
     os.close(r)
     return b"".join(out), error
-
-
-def open_fds() -> set[str]:
-    """This process's open files: sockets left out, as an S3 client's pool may open another
-    connection at any request, and those of garbage (an earlier test's) closed first."""
-    gc.collect()
-    fds = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(FileNotFoundError):  # the listing's own
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                fds.add(fd)
-    return fds
 
 
 def mixed_pages(seed: int) -> bytes:
